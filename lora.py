@@ -200,24 +200,25 @@ def with_lora(base: Params, adapters: Params, cfg: LoraConfig) -> Params:
     return out
 
 
+def _shift_weights(params: Params, adapters: Params, cfg: LoraConfig, sign: float) -> Params:
+    """params with every adapted X.weight moved by sign·s·B@A; other tensors shared, nothing mutated."""
+    out = dict(params)
+    for module in _adapted_modules(params, adapters, cfg):
+        delta = lora_delta(adapters[f"{module}.lora_A"], adapters[f"{module}.lora_B"], cfg.scale)
+        out[f"{module}.weight"] = torch.add(params[f"{module}.weight"], delta, alpha=sign)
+    return out
+
+
 @jaxtyped(typechecker=beartype)
 def merge(base: Params, adapters: Params, cfg: LoraConfig) -> Params:
     """Plain weights W0 + s·B@A, no LoRA keys: inference at the base model's cost (Hu §4.1, no added latency)."""
-    out = dict(base)
-    for module in _adapted_modules(base, adapters, cfg):
-        delta = lora_delta(adapters[f"{module}.lora_A"], adapters[f"{module}.lora_B"], cfg.scale)
-        out[f"{module}.weight"] = base[f"{module}.weight"] + delta
-    return out
+    return _shift_weights(base, adapters, cfg, +1.0)
 
 
 @jaxtyped(typechecker=beartype)
 def unmerge(merged: Params, adapters: Params, cfg: LoraConfig) -> Params:
     """Inverse of merge: W - s·B@A, so one base can switch between adapters."""
-    out = dict(merged)
-    for module in _adapted_modules(merged, adapters, cfg):
-        delta = lora_delta(adapters[f"{module}.lora_A"], adapters[f"{module}.lora_B"], cfg.scale)
-        out[f"{module}.weight"] = merged[f"{module}.weight"] - delta
-    return out
+    return _shift_weights(merged, adapters, cfg, -1.0)
 
 
 # --- adapter files: PEFT's layout ------------------------------------------------------------------------------
