@@ -8,6 +8,10 @@ import copy
 import json
 import math
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import peft
 import pytest
@@ -15,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import TypeCheckError
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
 from torch import nn
 from transformers import (AutoModel, AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
                           BertForSequenceClassification, BertModel)
@@ -22,6 +27,7 @@ from transformers import (AutoModel, AutoModelForSequenceClassification, AutoTok
 import hf_lora
 import lora
 import nanollm
+import train
 from lora import LoraConfig, init_lora, load_adapter, merge, save_adapter, unmerge, with_lora
 
 
@@ -1052,3 +1058,217 @@ def test_load_model_missing_path_or_unreachable_hub_gives_one_line_error(tmp_pat
     with pytest.raises(ValueError, match="not in the HuggingFace cache, and HF_HUB_OFFLINE is set") as hub:
         hf_lora.load_bert("nanollm-tests/no-such-model")
     assert "\n" not in str(hub.value) and "packaged offline MiniLM" in str(hub.value)
+
+
+# ===================================================================================================================
+# train.py: data, the five runs, reports, checkpoints, resume, torchrun
+# ===================================================================================================================
+
+QUICK = ["--quick", "--threads", "1"]
+
+
+def run(argv: list[str]) -> int:
+    return train.main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> Path:
+    """One complete --quick run (all five rows) that several tests read."""
+    out = tmp_path_factory.mktemp("quick")
+    assert run([*QUICK, "--out", out]) == 0
+    return out
+
+
+# --- end to end -----------------------------------------------------------------------------------------------------
+
+
+def test_quick_run_report_has_every_row(quick):
+    report = json.loads((quick / "report.json").read_text())
+    assert [r["run"] for r in report["rows"]] == list(train.RUNS)
+    keys = {"run", "trainable_params", "trainable_share", "train_seconds", "peak_memory_mb", "test_accuracy",
+            "test_macro_f1"}
+    for row in report["rows"]:
+        assert keys <= row.keys()
+        assert 0 < row["trainable_share"] <= 1 and 0 <= row["test_accuracy"] <= 1
+    shares = {r["run"]: r["trainable_share"] for r in report["rows"]}
+    assert shares["head"] < shares["lora"] < shares["full"] == 1.0
+    for name in ("report.md", "curves.png", "lora_vs_peft.png", "runs/lora/adapter/adapter_model.safetensors",
+                 "runs/peft/adapter/adapter_config.json", "base/model.safetensors"):
+        assert (quick / name).exists(), name
+    assert not list(quick.rglob("checkpoint.safetensors")), "finished runs leave no checkpoint behind"
+    assert not list(quick.rglob("*.pt")) and not list(quick.rglob("*.bin")), "no pickle files"
+
+
+def test_quick_run_lora_matches_peft_step_by_step(quick):
+    lora = json.loads((quick / "runs/lora/result.json").read_text())
+    peft = json.loads((quick / "runs/peft/result.json").read_text())
+    assert len(lora["losses"]) == len(peft["losses"]) > 0
+    assert max(abs(a - b) for a, b in zip(lora["losses"], peft["losses"])) < 1e-5
+    assert lora["row"]["test_accuracy"] == peft["row"]["test_accuracy"]
+    assert lora["row"]["test_macro_f1"] == pytest.approx(peft["row"]["test_macro_f1"], abs=1e-9)
+    assert torch.allclose(torch.tensor(lora["predictions"]["probs"]), torch.tensor(peft["predictions"]["probs"]),
+                          atol=1e-5)
+
+
+def test_predict_reloads_models_and_reproduces_in_run_predictions(quick, capsys):
+    report = json.loads((quick / "report.json").read_text())
+    texts = report["predictions"]["lora"]["texts"]
+    capsys.readouterr()
+    assert run(["predict", *texts, "--out", quick, "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(printed["probs"]) == set(train.RUNS)
+    for name, probs in printed["probs"].items():
+        assert torch.allclose(torch.tensor(probs), torch.tensor(report["predictions"][name]["probs"]), atol=1e-5), name
+
+
+def test_resume_after_interrupt_ends_like_uninterrupted_run(quick, tmp_path, monkeypatch):
+    # scratch has dropout, so this also checks that the RNG state comes back; 2 epochs cross an epoch boundary
+    args = [*QUICK, "--runs", "scratch,lora", "--epochs", "2", "--checkpoint-every", "4"]
+    for name in ("straight", "resumed"):
+        shutil.copytree(quick / "base", tmp_path / name / "base")  # the cached base is reused, not re-pretrained
+    assert run([*args, "--out", tmp_path / "straight"]) == 0
+    monkeypatch.setenv("NANOLLM_INTERRUPT", "scratch:14")  # after the checkpoint at step 12 (epoch 2)
+    with pytest.raises(SystemExit) as stopped:
+        run([*args, "--out", tmp_path / "resumed"])
+    assert stopped.value.code == train.INTERRUPTED
+    assert (tmp_path / "resumed/runs/scratch/checkpoint.safetensors").exists()
+    monkeypatch.setenv("NANOLLM_INTERRUPT", "lora:3")  # lora starts over: no checkpoint of it exists yet
+    with pytest.raises(SystemExit):
+        run([*args, "--out", tmp_path / "resumed", "--resume"])
+    monkeypatch.delenv("NANOLLM_INTERRUPT")
+    assert run([*args, "--out", tmp_path / "resumed", "--resume"]) == 0
+    for name, weights in (("scratch", "model.safetensors"), ("lora", "adapter/adapter_model.safetensors")):
+        a = json.loads((tmp_path / "straight/runs" / name / "result.json").read_text())
+        b = json.loads((tmp_path / "resumed/runs" / name / "result.json").read_text())
+        # bit-identical weights, hence identical metrics; a logged loss may differ in its last bit, because a
+        # CPU reduction's rounding can depend on where a buffer happens to sit in memory
+        wa, wb = (load_file(tmp_path / run / "runs" / name / weights) for run in ("straight", "resumed"))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
+        for key in ("test_accuracy", "test_macro_f1", "steps"):
+            assert a["row"][key] == b["row"][key], (name, key)
+        assert [v["accuracy"] for v in a["val"]] == [v["accuracy"] for v in b["val"]], name
+        assert a["losses"] == pytest.approx(b["losses"], rel=1e-6), name
+
+
+def test_torchrun_two_ranks_equal_one_process_with_the_same_global_batch(quick, tmp_path):
+    # lora and head have no dropout, so the two layouts draw no random numbers that could differ
+    args = [*QUICK, "--runs", "lora,head"]
+    for name in ("one", "two"):
+        shutil.copytree(quick / "base", tmp_path / name / "base")
+    assert run([*args, "--out", tmp_path / "one"]) == 0
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train.py", *map(str, args), "--out", str(tmp_path / "two")],
+                          cwd=Path(train.__file__).parent, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("| run | trainable params") == 1, "only rank 0 prints the report"
+    assert len(list((tmp_path / "two").rglob("report.json"))) == 1
+    for weights in ("lora/adapter/adapter_model.safetensors", "head/head.safetensors"):
+        one, two = (load_file(tmp_path / d / "runs" / weights) for d in ("one", "two"))
+        assert one.keys() == two.keys()
+        for k in one:
+            torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)
+    for name in ("lora", "head"):
+        one, two = (json.loads((tmp_path / d / "runs" / name / "result.json").read_text()) for d in ("one", "two"))
+        assert one["row"]["test_accuracy"] == two["row"]["test_accuracy"]  # metrics gathered over both shards
+        assert one["val"][0]["n"] == two["val"][0]["n"] == train.QUICK["eval"]
+        assert one["losses"] == pytest.approx(two["losses"], abs=1e-5)
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+
+
+def test_reviews_no_text_in_two_splits():
+    data = train.load_reviews(seed=0)
+    splits = [{t for t, _ in part} for part in (data.train, data.val, data.test)]
+    assert not (splits[0] & splits[1] or splits[0] & splits[2] or splits[1] & splits[2])
+    assert sum(map(len, splits)) == 17410 - 47  # distinct texts minus those carrying both labels
+    assert data.label_names == ["neg", "pos"]
+
+
+def test_user_data_formats_labels_and_line_endings(tmp_path):
+    texts = [f"review number {i} {'good' if i % 3 else 'bad'}" for i in range(30)]
+    labels = ["10" if i % 3 else "2" for i in range(30)]
+    csv_path = tmp_path / "d.csv"
+    rows = "\r\n".join(["label,review"] + [f'{y},"{t}, quoted"' for t, y in zip(texts, labels)])
+    csv_path.write_bytes(b"\xef\xbb\xbf" + rows.encode())  # BOM + CRLF
+    data = train.load_user_data(csv_path, "review", "label", seed=0)
+    assert data.label_names == ["2", "10"]  # integer labels keep numeric order
+    assert len(data.train) + len(data.val) + len(data.test) == 30
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("\r".join(json.dumps({"text": t, "y": "pos" if i % 3 else "neg"}) for i, t in enumerate(texts)))
+    data = train.load_user_data(jsonl, "text", "y", seed=0)
+    assert data.label_names == ["neg", "pos"]
+    tsv = tmp_path / "d.tsv"
+    tsv.write_text("text\tlabel\n" + "\n".join(f'{t} "q\t{y}' for t, y in zip(texts, labels)) + "\n\n")
+    splits = train.load_user_data(tsv, "text", "label", seed=0)
+    assert {t for t, _ in splits.train}.isdisjoint({t for t, _ in splits.test})
+
+
+MALFORMED = {
+    "extra field": ("d.csv", "text,label\ngood,1\nbad,0,extra\n", ":3: 3 fields"),
+    "missing column": ("d.csv", "review,label\ngood,1\n", ":1: no column 'text'"),
+    "empty file": ("d.csv", "", "empty file"),
+    "single class": ("d.csv", "text,label\n" + "".join(f"t{i},1\n" for i in range(20)), "only one class"),
+    "bad encoding": ("d.csv", "text,label\ngood,1\n".encode() + "caf\xe9,0\n".encode("latin-1"), ":3: not UTF-8"),
+    "bad json": ("d.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0\n', ":2: not valid JSON"),
+    "missing key": ("d.jsonl", '{"text": "a", "label": 1}\n{"txt": "b", "label": 0}\n', ":2: no key 'text'"),
+    "empty label": ("d.tsv", "text\tlabel\ngood\t1\nbad\t\n", ":3: empty label"),
+    "directory": ("folder", None, "is a directory"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_data_one_line_error_and_nothing_written(case, tmp_path, capsys):
+    name, content, expected = MALFORMED[case]
+    path = tmp_path / name
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    out = tmp_path / "out"
+    assert run([*QUICK, "--data", path, "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0] and expected in err[0], err
+    assert not out.exists()
+
+
+def test_missing_model_one_line_error_and_nothing_written(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run([*QUICK, "--model", tmp_path / "no_such_model", "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no_such_model" in err[0], err
+    assert not out.exists()
+
+
+# --- optimiser and safety -------------------------------------------------------------------------------------------
+
+
+def test_adamw_step_equals_torch_adamw():
+    g = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(5, 3, generator=g, dtype=torch.float64),
+              "b": torch.randn(7, generator=g, dtype=torch.float64)}
+    ref = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    opt = torch.optim.AdamW([{"params": [ref["w"]], "weight_decay": train.WEIGHT_DECAY},
+                             {"params": [ref["b"]], "weight_decay": 0.0}], lr=1e-2, betas=train.BETAS,
+                            eps=train.ADAM_EPS)
+    state = train.adamw_init(params)
+    for step in range(1, 4):
+        grads = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in params.items()}
+        for k in ref:
+            ref[k].grad = grads[k].clone()
+        opt.step()
+        params, state = train.adamw_step(params, grads, state, step, lr=1e-2)
+        for k in params:
+            torch.testing.assert_close(params[k], ref[k].detach(), rtol=0, atol=1e-14)
+
+
+def test_nan_loss_stops_naming_step_and_learning_rate(tmp_path):
+    ctx = train.Ctx(tmp_path, 0, torch.device("cpu"))
+    hp = train.Hyper(epochs=1, lr=0.5, batch_size=2, flag="--lr-full")
+
+    def loss_fn(params, idx, generator):  # finite at step 1, NaN from step 2 on
+        return params["w"].sum() * (1.0 if params["w"].sum() == 3 else math.nan)
+
+    with pytest.raises(train.Diverged, match=r"step 2; lower the learning rate \(--lr-full, now 0.5\)"):
+        train.fit(ctx, "nan", {"w": torch.ones(3)}, loss_fn, torch.ones(8, dtype=torch.long), hp, "x")
