@@ -289,7 +289,9 @@ def embed(
     x = F.embedding(tokens, params["embed.weight"])
     if cfg.bert_embeddings:
         types = torch.zeros_like(tokens) if token_types is None else token_types
-        x = x + params["pos_embed.weight"][:seq] + F.embedding(types, params["type_embed.weight"])
+        # (word + type) + position, HF BertEmbeddings' order: float addition does not associate, and the same
+        # rounding is what lets train.py's lora and peft runs stay bit-identical step after step
+        x = x + F.embedding(types, params["type_embed.weight"]) + params["pos_embed.weight"][:seq]
         x = layer_norm(x, params["ln_embed.weight"], params["ln_embed.bias"], cfg.eps)
     else:
         x = x * math.sqrt(cfg.d_model) + positional_encoding(seq, cfg.d_model, device=x.device, dtype=x.dtype)
