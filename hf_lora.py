@@ -501,7 +501,7 @@ CONCEPTS = (
     ("lora.LoraConfig(r, lora_alpha, ...)", "peft.LoraConfig(r, lora_alpha, ...)", "same field names; s = alpha/r"),
     ("X.lora_A (r, d_in), X.lora_B (d_out, r)", "X.lora_A.default, X.lora_B.default",
      "A Kaiming-uniform, B zero: step 0 is the base model"),
-    ("lora.with_lora + nanollm.project", "get_peft_model / lora.Linear.forward", "W0 x + b + s B(A x), unmerged"),
+    ("lora.with_lora + nanollm.lora_update", "get_peft_model / lora.Linear.forward", "W0 x + b + s B(A x), unmerged"),
     ("lora.merge / lora.unmerge", "merge_and_unload / unmerge_adapter", "W0 + s B@A for zero-overhead inference"),
     ("head dict (classifier.*)", "modules_to_save=['classifier']", "the task head, trained in full"),
     ("lora.save_adapter / save_as_peft", "save_pretrained / PeftModel.from_pretrained", "adapter_model.safetensors"),

@@ -889,7 +889,7 @@ def ensure_base(ctx: Ctx, plan: Plan, data: Dataset) -> str:
     g = torch.Generator().manual_seed(derive_seed(ctx.seed, "pretrain", "init"))
     params = nanollm.init_params(cfg, g) | init_mlm_head(cfg, g)
     # BERT's pooler is trained by next-sentence prediction, which this recipe lacks: the base ships a seeded random
-    # one, so that our runs and transformers read the very same (frozen) pooler from the file
+    # one, so that our runs and transformers start from the very same pooler (trained with the head; see split_base)
     pooler = {k: v for k, v in nanollm.init_bert_head(cfg, 2, g).items() if k.startswith("pooler.")}
     # `steps` batches = one pass over a list of row indices that repeats the corpus as often as needed
     need = recipe["steps"] * recipe["batch_size"]
