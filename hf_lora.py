@@ -305,13 +305,31 @@ def _atomic_directory(directory: str | os.PathLike, ours: tuple[str, ...]):
         raise
 
 
+def modules_to_save_names(model: torch.nn.Module, modules: set[str]) -> list[str]:
+    """The shortest name endings that make PEFT's modules_to_save select exactly `modules` (full module names).
+
+    PEFT wraps every module whose name ends with an entry (a plain string suffix): "dense" would catch every
+    linear layer, "pooler.dense" only the pooler's, and "LayerNorm" all the LayerNorms when all of them are wanted.
+    """
+    names = [m for m, _ in model.named_modules() if m]
+    chosen = set()
+    for module in modules:
+        parts = module.split(".")
+        for i in reversed(range(len(parts))):
+            suffix = ".".join(parts[i:])
+            if all(m in modules for m in names if m.endswith(suffix)):
+                chosen.add(suffix)
+                break
+    return sorted(chosen)
+
+
 def save_as_peft(directory: str | os.PathLike, adapters: Params, cfg: lora.LoraConfig,
                  model: torch.nn.Module) -> None:
     """A directory that peft.PeftModel.from_pretrained loads onto `model`'s base with identical logits.
 
     Keys may be in HF or nanollm names. The classifier head is always saved (modules_to_save): from adapters when
-    they carry it, else the model's own, so a reload never re-draws a random head. A pooler in adapters is saved
-    too. `model` is only read.
+    they carry it, else the model's own, so a reload never re-draws a random head. Every other full tensor in
+    adapters (a pooler, LayerNorms) is saved through modules_to_save too. `model` is only read.
     """
     from peft.tuners.tuners_utils import check_target_module_exists
 
@@ -322,9 +340,9 @@ def save_as_peft(directory: str | os.PathLike, adapters: Params, cfg: lora.LoraC
     if "classifier.weight" not in params:
         raise ValueError(f"{type(model).__name__} has no classifier; pass the sequence-classification model "
                          f"from load_model")
-    to_save = ["classifier"] + (["pooler"] if any(".pooler." in k for k in head) else [])
-    full = {k: v for k, v in params.items() if any(k.startswith(m + ".") or f".{m}." in k for m in to_save)}
-    full |= head
+    wanted = {"classifier"} | {k.rpartition(".")[0] for k in head}
+    to_save = modules_to_save_names(model, wanted)
+    full = {k: v for k, v in params.items() if k.rpartition(".")[0] in wanted} | head
     config = peft_config(cfg, tuple(to_save))
     # PEFT would re-create LoRA layers exactly where its config matches: insist that is where ours are
     adapted = {k[: -len(".lora_A")] for k in pairs if k.endswith(".lora_A")}
@@ -504,6 +522,8 @@ CONCEPTS = (
     ("lora.with_lora + nanollm.lora_update", "get_peft_model / lora.Linear.forward", "W0 x + b + s B(A x), unmerged"),
     ("lora.merge / lora.unmerge", "merge_and_unload / unmerge_adapter", "W0 + s B@A for zero-overhead inference"),
     ("head dict (classifier.*)", "modules_to_save=['classifier']", "the task head, trained in full"),
+    ("other full tensors beside the adapters (train.py: ln*, pooler.*)", "modules_to_save=['LayerNorm', 'pooler']",
+     "a trainable copy each, saved with the adapter"),
     ("lora.save_adapter / save_as_peft", "save_pretrained / PeftModel.from_pretrained", "adapter_model.safetensors"),
 )
 

@@ -194,6 +194,21 @@ def test_attention_fast_equals_reference(padded):
                                rtol=0, atol=1e-13)
 
 
+def test_attention_under_cpu_bf16_autocast_is_eq1_in_bf16_matmuls():
+    # nanollm.attention writes Eq. 1 out under CPU autocast (the fused kernel's bf16 backward is slow there);
+    # the result must still be attention, to bf16 accuracy, and gradients must flow to q, k and v
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(BATCH, N_HEADS, 7, 4, generator=gen, requires_grad=True) for _ in range(3))
+    mask = torch.rand(BATCH, 7, generator=gen) < 0.6
+    mask[:, 0] = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = nanollm.attention(q, k, v, mask)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), nanollm.attention_reference(q, k, v, mask), rtol=0, atol=3e-2)
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (q, k, v))
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_self_attention_equals_nn_multihead_attention(padded):
     cfg = tiny_config()
@@ -943,6 +958,40 @@ def test_save_as_peft_reloads_in_peft_with_identical_logits_head_included(tmp_pa
     assert all(torch.equal(back[k], adapters[k]) for k in adapters)
 
 
+def test_modules_to_save_names_select_exactly_the_wanted_modules():
+    model = tiny_bert()
+    norms = {m for m, _ in model.named_modules() if m.endswith("LayerNorm")}
+    assert hf_lora.modules_to_save_names(model, {"classifier", "bert.pooler.dense"}) == ["classifier", "pooler.dense"]
+    assert hf_lora.modules_to_save_names(model, norms | {"classifier"}) == ["LayerNorm", "classifier"]
+    # one LayerNorm of several: PEFT matches plain string endings, so the name must be long enough to be unique
+    one = "bert.encoder.layer.1.attention.output.LayerNorm"
+    (suffix,) = hf_lora.modules_to_save_names(model, {one})
+    assert [m for m, _ in model.named_modules() if m.endswith(suffix)] == [one]
+
+
+def test_save_as_peft_with_layer_norms_reloads_in_peft_and_back(tmp_path):
+    # the train.py lora run trains adapters + LayerNorms + pooler + classifier; PEFT must restore all of them
+    model = tiny_bert()
+    cfg = lora.LoraConfig(r=2, lora_alpha=3, target_modules=("attn.q", "ffn.down"))
+    ours = {hf_lora.our_name(k): v for k, v in model.state_dict().items()}
+    generator = torch.Generator().manual_seed(6)
+    trained = {k: v + torch.randn(v.shape, generator=generator, dtype=v.dtype) for k, v in ours.items()
+               if k.split(".")[-2].startswith("ln") or k.startswith(("pooler.", "classifier."))}
+    assert len(trained) == 2 * (1 + 2 * 2) + 4  # ln_embed and ln1, ln2 of both layers; pooler and classifier
+    adapters = random_adapters(ours, cfg) | trained
+    batch = hf_tiny_batch()
+    expected = hf_lora.lora_logits(model, adapters, cfg, **batch)
+    assert (expected - hf_lora.lora_logits(model, random_adapters(ours, cfg), cfg, **batch)).abs().max() > 1e-3
+    hf_lora.save_as_peft(tmp_path / "ours", adapters, cfg, model)
+    written = json.loads((tmp_path / "ours/adapter_config.json").read_text())
+    assert sorted(written["modules_to_save"]) == ["LayerNorm", "classifier", "pooler.dense"]
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours").eval()
+    assert (reloaded(**batch).logits - expected).abs().max() <= 1e-10
+    back, back_cfg = hf_lora.adapters_from_peft(tmp_path / "ours")
+    assert back_cfg == cfg and back.keys() == adapters.keys()
+    assert all(torch.equal(back[k], adapters[k]) for k in adapters)
+
+
 def test_save_as_peft_writes_atomically_and_refuses_foreign_directories(tmp_path):
     model = tiny_bert()
     cfg = lora.LoraConfig(r=3, lora_alpha=5, target_modules=("query",))
@@ -1077,6 +1126,35 @@ def quick(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("quick")
     assert run([*QUICK, "--out", out]) == 0
     return out
+
+
+# --- pretraining objective -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bag", [0.0, 0.5])
+def test_pretraining_loss_trains_the_pooler_only_through_the_bag_task(bag):
+    # masked-LM never reads [CLS]: without the bag-of-characters task the pooler gets no gradient at all
+    cfg = nanollm.Config.bert(23, max_len=9, d_model=12, n_heads=3, d_ff=7, n_layers=2, dropout=0.0)
+    g = torch.Generator().manual_seed(0)
+    params = nanollm.init_params(cfg, g) | train.init_pretraining_heads(cfg, g)
+    ids = torch.randint(len(train.SPECIALS), 23, (5, 9), generator=g)
+    ids[:, 0], ids[3, 6:] = train.CLS, train.PAD
+    recipe = train.PRETRAIN | {"seq": 9, "bag": bag}
+    ctx = train.Ctx(out=Path("unused"), seed=0, device=torch.device("cpu"))
+    loss_fn, parts = train.pretraining_loss(cfg, ids, torch.arange(5), recipe, ctx)
+    params = {k: v.requires_grad_() for k, v in params.items()}
+    loss = loss_fn(params, torch.arange(5), torch.Generator().manual_seed(1))
+    (mlm, bag_loss), = parts
+    assert loss.item() == pytest.approx(mlm + bag * bag_loss, rel=1e-6)
+    # the bag target is the row's character histogram: its cross-entropy is at least that histogram's entropy
+    share = torch.stack([torch.bincount(row[row > train.MASK], minlength=23).double() for row in ids])
+    share = share / share.sum(1, keepdim=True)
+    entropy = -(share * share.clamp(min=1e-30).log()).sum(1).mean()
+    assert bag_loss >= entropy.item() - 1e-6
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)))
+    pooler_moves = grads["pooler.weight"] is not None and grads["pooler.weight"].abs().sum() > 0
+    assert pooler_moves == (bag > 0)
+    assert grads["layers.0.attn.q.weight"].abs().sum() > 0 and grads["mlm.dense.weight"].abs().sum() > 0
 
 
 # --- end to end -----------------------------------------------------------------------------------------------------
