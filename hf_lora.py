@@ -320,6 +320,9 @@ def modules_to_save_names(model: torch.nn.Module, modules: set[str]) -> list[str
             if all(m in modules for m in names if m.endswith(suffix)):
                 chosen.add(suffix)
                 break
+        else:
+            raise ValueError(f"{module!r}: PEFT's suffix matching cannot select it without other modules; "
+                             f"train those too or rename it")
     return sorted(chosen)
 
 
@@ -522,7 +525,7 @@ CONCEPTS = (
     ("lora.with_lora + nanollm.lora_update", "get_peft_model / lora.Linear.forward", "W0 x + b + s B(A x), unmerged"),
     ("lora.merge / lora.unmerge", "merge_and_unload / unmerge_adapter", "W0 + s B@A for zero-overhead inference"),
     ("head dict (classifier.*)", "modules_to_save=['classifier']", "the task head, trained in full"),
-    ("other full tensors beside the adapters (train.py: ln*, pooler.*)", "modules_to_save=['LayerNorm', 'pooler']",
+    ("other full tensors beside the adapters (train.py: ln*)", "modules_to_save=['LayerNorm']",
      "a trainable copy each, saved with the adapter"),
     ("lora.save_adapter / save_as_peft", "save_pretrained / PeftModel.from_pretrained", "adapter_model.safetensors"),
 )
