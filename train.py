@@ -99,7 +99,7 @@ MIN_CHAR_COUNT = 2        # a character seen once is noise for a vocabulary; it 
 # Pretraining recipe, measured in the issue-8 study (README, "Making LoRA's promise show"): 20% masking (more
 # signal per row than BERT's 15% for a small model), rows of 64 like the fine-tuning texts, lr 2e-3 with RoBERTa's
 # beta2 0.98 / eps 1e-6 (stable at this step size, Liu et al. 2019 §3.1), the reviews twice; `bag` weighs the
-# bag-of-characters task on the pooled [CLS] (see pretraining_loss). bf16 autocast: 1.9x faster steps on this CPU
+# bag-of-characters task on the pooled [CLS] (see pretraining_loss). bf16 autocast: 1.6x faster steps on this CPU
 # (its matrix units; nanollm writes attention out under autocast, see nanollm.attention), so 3,600 steps fit the
 # first run's 20-minute budget.
 PRETRAIN = dict(steps=3600, batch_size=128, seq=64, lr=2e-3, mask=0.20, target_copies=2, betas=(0.9, 0.98),
