@@ -1,30 +1,19 @@
-"""nanollm: the Transformer encoder as pure functions over a flat parameter dict.
+"""nanollm: the Transformer encoder as pure functions over a flat parameter dict, for two arrangements:
+- the seed's encoder (Vaswani et al. 2017, "Attention Is All You Need"): token embedding scaled by sqrt(d_model)
+  plus sinusoidal positions (§3.4, §3.5), multi-head attention (§3.2.2), a ReLU feed-forward (§3.3), residuals
+  with LayerNorm (§3.1), dropout on sub-layer outputs and embedding sums (§5.4); Pre-LN by default (Xiong et al.
+  2020, "On Layer Normalization in the Transformer Architecture"), the paper's Post-LN with norm_first=False.
+- BERT (Devlin et al. 2018, "BERT: Pre-training of Deep Bidirectional Transformers"): `Config.bert(...)`.
 
-One file, read top to bottom: a config, the parameter initialiser, leaf ops on tensors, the composites that pick
-weights out of the dict by name, and the classification heads. The same functions run two arrangements:
-
-- the seed's Transformer encoder (Vaswani et al. 2017, "Attention Is All You Need"): token embedding scaled by
-  sqrt(d_model) plus sinusoidal positions (§3.4, §3.5), multi-head attention (§3.2.2), a ReLU position-wise
-  feed-forward (§3.3), residuals with LayerNorm (§3.1), dropout on sub-layer outputs and embedding sums (§5.4).
-  `norm_first=True` (the default) is Pre-LN (Xiong et al. 2020, "On Layer Normalization in the Transformer
-  Architecture"): the norm moves inside the residual branch and one final LayerNorm closes the stack;
-  `norm_first=False` is the paper's Post-LN.
-- BERT (Devlin et al. 2018, "BERT: Pre-training of Deep Bidirectional Transformers"): `Config.bert(...)`. The
-  differences from the seed, each one a config field, are listed in `Config`'s docstring.
-
-Run:
-    python nanollm.py                 # seed config on a (2, 50) batch, parameter counts, PE heatmap + property
-    python nanollm.py --png out.png   # choose where the heatmap goes
-Shape checks (jaxtyping + beartype) run on every call; switch them off for speed with the environment variable
-JAXTYPING_DISABLE=1 or `jaxtyping.config.update("jaxtyping_disable", True)`.
+Run: `python nanollm.py [--png pe.png]`: the seed config on a (2, 50) batch, parameter counts, a PE heatmap.
+Shape checks (jaxtyping + beartype) run on every call; JAXTYPING_DISABLE=1 (or jaxtyping.config) turns them off.
 
 Dimension names, used identically in jaxtyping strings, einops patterns and config fields:
     batch    sequences in a batch             seq      tokens per sequence (seq_q / seq_k: queries / keys)
     d_model  width of the residual stream     n_heads  attention heads       d_head  d_model // n_heads
     d_ff     hidden width of the feed-forward vocab    token vocabulary      rank    LoRA rank
     d_in     input width of a linear          d_out    output width of a linear
-    n_classes  classifier outputs             type_vocab  BERT token-type ids
-    *batch   (leaf ops only) any number of leading dimensions
+    n_classes  classifier outputs             *batch   (leaf ops only) any number of leading dimensions
 """
 
 import argparse
@@ -36,27 +25,22 @@ import torch
 import torch.nn.functional as F
 from beartype import beartype
 from einops import einsum, rearrange
-from jaxtyping import Bool, Float, Int, jaxtyped
+from jaxtyping import Bool, Float, Int, TypeCheckError, jaxtyped
 from torch import Tensor
 
 Params = dict[str, Tensor]
 
-
 # --- Config -----------------------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class Config:
     """Encoder hyper-parameters; the defaults are the seed course's Transformer encoder.
-
-    BERT's arrangement (Devlin et al. 2018, §3; HF BertModel) differs from the seed in exactly these fields:
-    - bert_embeddings=True: learned absolute positions instead of sinusoids, token-type (segment) embeddings
-      added to the sum, a LayerNorm on that sum, and no sqrt(d_model) scaling (the LayerNorm sets the scale).
-    - activation="gelu": GELU in its exact erf form (Hendrycks & Gimpel 2016), not the tanh approximation.
-    - norm_first=False: Post-LN blocks, x = LN(x + sublayer(x)), as in the 2017 paper.
-    - eps=1e-12: BERT's LayerNorm epsilon (torch's default is 1e-5).
+    BERT (Devlin et al. 2018, §3; HF BertModel) differs from the seed in exactly these fields:
+    bert_embeddings=True: learned positions instead of sinusoids, token-type embeddings added to the sum, a
+    LayerNorm on that sum, no sqrt(d_model) scaling; activation="gelu": the exact erf form (Hendrycks & Gimpel
+    2016); norm_first=False: Post-LN, x = LN(x + sublayer(x)); eps=1e-12 (torch's default is 1e-5).
+    attention: "sdpa", torch's fused kernel, or "einsum", Eq. 1 written out: its two matmuls run on the bf16
+    units under CPU autocast (a d_model-128 training step fell from 526 to 284 ms, profiled).
     """
-
     vocab_size: int = 10000
     d_model: int = 512
     n_heads: int = 8
@@ -69,71 +53,44 @@ class Config:
     type_vocab_size: int = 2  # read only when bert_embeddings
     activation: str = "relu"
     eps: float = 1e-5
+    attention: str = "sdpa"
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_len", "type_vocab_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"Config.{name}={value!r}: must be an integer >= 1; pass a positive size.")
+        sizes = ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_len", "type_vocab_size")
+        rules = {n: (type(getattr(self, n)) is int and getattr(self, n) >= 1, "an integer >= 1") for n in sizes}
+        # floats, not ints: the leaf ops are annotated float, and beartype does not take 0 for 0.0
+        rules |= {"dropout": (isinstance(self.dropout, float) and 0.0 <= self.dropout < 1.0, "a float in [0, 1)"),
+                  "eps": (isinstance(self.eps, float) and self.eps > 0.0, "a float > 0, e.g. 1e-5 or 1e-12"),
+                  "activation": (self.activation in ("relu", "gelu"), "'relu' (seed) or 'gelu' (BERT)"),
+                  "attention": (self.attention in ("sdpa", "einsum"), "'sdpa' (fused) or 'einsum' (written out)")}
+        for name, (ok, expected) in rules.items():
+            if not ok:
+                raise ValueError(f"Config.{name}={getattr(self, name)!r}: must be {expected}.")
         if self.d_model % self.n_heads:
-            raise ValueError(
-                f"Config.d_model={self.d_model} is not divisible by n_heads={self.n_heads}: each head gets "
-                f"d_model // n_heads features, so pick n_heads dividing d_model or d_model a multiple of n_heads."
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"Config.dropout={self.dropout!r}: must be in [0, 1); use e.g. 0.1, or 0.0 for none.")
-        if self.activation not in ("relu", "gelu"):
-            raise ValueError(f"Config.activation={self.activation!r}: must be 'relu' (seed) or 'gelu' (BERT).")
-        if not self.eps > 0.0:
-            raise ValueError(f"Config.eps={self.eps!r}: LayerNorm epsilon must be > 0, e.g. 1e-5 or 1e-12.")
-        # Plain floats, so an int such as dropout=0 passes the float annotations of the leaf ops.
-        object.__setattr__(self, "dropout", float(self.dropout))
-        object.__setattr__(self, "eps", float(self.eps))
-
-    @property
-    def d_head(self) -> int:
-        return self.d_model // self.n_heads
+            raise ValueError(f"Config.d_model={self.d_model} is not divisible by n_heads={self.n_heads}: each head "
+                             f"gets d_model // n_heads features, so pick n_heads dividing d_model.")
 
     @classmethod
-    def bert(
-        cls,
-        vocab_size: int,
-        d_model: int = 768,
-        n_heads: int = 12,
-        d_ff: int = 3072,
-        n_layers: int = 12,
-        max_len: int = 512,
-        dropout: float = 0.1,
-        type_vocab_size: int = 2,
-        eps: float = 1e-12,
-    ) -> "Config":
+    def bert(cls, vocab_size: int, d_model: int = 768, n_heads: int = 12, d_ff: int = 3072, n_layers: int = 12,
+             max_len: int = 512, dropout: float = 0.1, type_vocab_size: int = 2, eps: float = 1e-12) -> "Config":
         """BERT's arrangement; the defaults are BERT-base (Devlin et al. 2018, §3)."""
-        return cls(vocab_size=vocab_size, d_model=d_model, n_heads=n_heads, d_ff=d_ff, n_layers=n_layers,
-                   max_len=max_len, dropout=dropout, norm_first=False, bert_embeddings=True,
-                   type_vocab_size=type_vocab_size, activation="gelu", eps=eps)
-
+        return cls(vocab_size, d_model, n_heads, d_ff, n_layers, max_len, dropout, norm_first=False,
+                   bert_embeddings=True, type_vocab_size=type_vocab_size, activation="gelu", eps=eps)
 
 # --- Parameters -------------------------------------------------------------------------------------------------
-
-
 def init_params(cfg: Config, generator: torch.Generator) -> Params:
     """Every key, shape and init rule of the encoder; linear weights are (d_out, d_in) as in nn.Linear."""
-
     def linear(name: str, d_out: int, d_in: int) -> Params:
         # Glorot/Xavier uniform, what nn.Transformer applies to every matrix; biases start at zero.
         bound = math.sqrt(6.0 / (d_in + d_out))
         weight = torch.empty(d_out, d_in).uniform_(-bound, bound, generator=generator)
         return {f"{name}.weight": weight, f"{name}.bias": torch.zeros(d_out)}
-
     def norm(name: str) -> Params:
         return {f"{name}.weight": torch.ones(cfg.d_model), f"{name}.bias": torch.zeros(cfg.d_model)}
-
     def embedding(rows: int, std: float) -> Tensor:
         return torch.empty(rows, cfg.d_model).normal_(0.0, std, generator=generator)
-
     d, bert_std = cfg.d_model, 0.02  # 0.02 is BERT's initializer_range; its embedding LayerNorm sets the scale
-    # The seed multiplies embeddings by sqrt(d_model) (§3.4): std d_model**-0.5 gives unit variance after that,
-    # the same scale as the sinusoids it is added to.
+    # std d_model**-0.5: unit variance after the seed's sqrt(d_model) scaling (§3.4), the sinusoids' scale
     params = {"embed.weight": embedding(cfg.vocab_size, bert_std if cfg.bert_embeddings else d**-0.5)}
     if cfg.bert_embeddings:
         params |= {"pos_embed.weight": embedding(cfg.max_len, bert_std),
@@ -148,79 +105,54 @@ def init_params(cfg: Config, generator: torch.Generator) -> Params:
         params |= norm("ln_f")  # Pre-LN leaves the residual stream un-normalised; Xiong et al. 2020, §3
     return params
 
-
-# --- Leaf ops: tensors in, tensors out --------------------------------------------------------------------------
-
-
+# --- Leaf ops: tensors in, tensors out, every input shape checked -----------------------------------------------
+# An op that is one torch call leaves its output's shape to torch (its docstring states it): a return annotation
+# makes jaxtyping check every argument again, doubling the checks' cost (bench.py allows them 3% at 16x128).
 @jaxtyped(typechecker=beartype)
-def linear(
-    x: Float[Tensor, "*batch d_in"], weight: Float[Tensor, "d_out d_in"], bias: Float[Tensor, " d_out"] | None
-) -> Float[Tensor, "*batch d_out"]:
-    """x W^T + b, the nn.Linear convention."""
+def linear(x: Float[Tensor, "*batch d_in"], weight: Float[Tensor, "d_out d_in"], bias: Float[Tensor, " d_out"] | None):
+    """x W^T + b -> (*batch, d_out), the nn.Linear convention."""
     return F.linear(x, weight, bias)
 
-
 @jaxtyped(typechecker=beartype)
-def layer_norm(
-    x: Float[Tensor, "*batch d_model"], weight: Float[Tensor, " d_model"], bias: Float[Tensor, " d_model"],
-    eps: float,
-) -> Float[Tensor, "*batch d_model"]:
-    """LayerNorm (Ba et al. 2016): biased variance, eps inside the square root, as torch and HF compute it."""
+def layer_norm(x: Float[Tensor, "*batch d_model"], weight: Float[Tensor, " d_model"],
+               bias: Float[Tensor, " d_model"], eps: float):
+    """LayerNorm (Ba et al. 2016) -> x's shape: biased variance, eps inside the square root, as in torch and HF."""
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
 
-
 @jaxtyped(typechecker=beartype)
-def dropout(
-    x: Float[Tensor, "*batch"], p: float, *, train: bool, generator: torch.Generator | None
-) -> Float[Tensor, "*batch"]:
-    """Inverted dropout drawn from an explicit generator, so a training run replays from its seed."""
+def dropout(x: Float[Tensor, "*batch"], p: float, *, train: bool, generator: torch.Generator | None):
+    """Inverted dropout -> x's shape, drawn from an explicit generator, so a training run replays from its seed."""
     if not train or p == 0.0:
         return x
     if generator is None:
         raise ValueError("dropout with train=True needs generator=torch.Generator(); seed it to replay the run.")
-    keep = torch.empty_like(x).bernoulli_(1.0 - p, generator=generator)
-    return x * keep.div_(1.0 - p)
-
-
-@functools.lru_cache(maxsize=64)
-def _sinusoids(seq: int, d_model: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    # Built in float64 so the float32 copy is correctly rounded; cached because it depends on shapes only.
-    # Callers only read it (no in-place ops), so sharing one tensor is safe.
-    position = rearrange(torch.arange(seq, dtype=torch.float64), "seq -> seq 1")
-    frequency = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
-    angle = position * frequency
-    # Interleave: PE(pos, 2i) = sin(pos / 10000^(2i/d_model)), PE(pos, 2i+1) = cos(same), §3.5.
-    pe = rearrange(torch.stack([angle.sin(), angle.cos()]), "two seq half -> seq (half two)")
-    return pe[:, :d_model].to(device=device, dtype=dtype)  # an odd d_model drops the last cosine
-
+    keep = torch.bernoulli(x.detach(), 1.0 - p, generator=generator)  # x's shape and dtype, not its values
+    return x * (keep / (1.0 - p))
 
 @jaxtyped(typechecker=beartype)
-def positional_encoding(
-    seq: int, d_model: int, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-) -> Float[Tensor, "seq d_model"]:
-    """Sinusoidal positions (§3.5); PE(pos + k) is a fixed rotation of PE(pos) for every pos."""
-    return _sinusoids(seq, d_model, torch.device(device), dtype)
-
+def positional_encoding(seq: int, d_model: int, *, device: torch.device | str = "cpu",
+                        dtype: torch.dtype = torch.float32) -> Float[Tensor, "seq d_model"]:
+    """Sinusoidal positions (§3.5): PE(pos, 2i) = sin(pos / 10000^(2i/d_model)), PE(pos, 2i+1) = cos(same)."""
+    position = rearrange(torch.arange(seq, dtype=torch.float64), "seq -> seq 1")  # float64: float32 rounds once
+    angle = position * 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
+    pe = rearrange(torch.stack([angle.sin(), angle.cos()]), "two seq half -> seq (half two)")  # interleave
+    return pe[:, :d_model].to(device=device, dtype=dtype)  # an odd d_model drops the last cosine
 
 @jaxtyped(typechecker=beartype)
 def pe_shift_matrix(k: int, d_model: int) -> Float[Tensor, "d_model d_model"]:
     """M_k with PE(pos + k) = M_k PE(pos) for every pos: why sinusoids let attention find relative offsets (§3.5)."""
     frequency = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
     c, s = (k * frequency).cos(), (k * frequency).sin()
-    # A 2x2 rotation by k * frequency on each (sin, cos) pair:
-    # sin(a + b) = sin a cos b + cos a sin b;  cos(a + b) = cos a cos b - sin a sin b
+    # a 2x2 rotation by k * frequency on each (sin, cos) pair: sin(a + b) = sin a cos b + cos a sin b, and so on
     blocks = torch.stack([torch.stack([c, s], -1), torch.stack([-s, c], -1)], -2)
     return torch.block_diag(*blocks)[:d_model, :d_model]
 
-
 @jaxtyped(typechecker=beartype)
 def attention_reference(
-    q: Float[Tensor, "batch n_heads seq_q d_head"],
-    k: Float[Tensor, "batch n_heads seq_k d_head"],
-    v: Float[Tensor, "batch n_heads seq_k d_head"],
-    mask: Bool[Tensor, "batch seq_k"] | None = None,
+    q: Float[Tensor, "batch n_heads seq_q d_head"], k: Float[Tensor, "batch n_heads seq_k d_head"],
+    v: Float[Tensor, "batch n_heads seq_k d_head"], mask: Bool[Tensor, "batch seq_k"] | None = None,
 ) -> Float[Tensor, "batch n_heads seq_q d_head"]:
-    """softmax(Q K^T / sqrt(d_head)) V, Eq. 1, written out; `attention` computes the same thing faster."""
+    """softmax(Q K^T / sqrt(d_head)) V, Eq. 1, written out (Config.attention="einsum")."""
     # 1) similarity of every query with every key, scaled so its variance does not grow with d_head (§3.2.1)
     scores = einsum(q, k, "batch n_heads seq_q d_head, batch n_heads seq_k d_head -> batch n_heads seq_q seq_k")
     scores = scores / math.sqrt(q.shape[-1])
@@ -231,61 +163,40 @@ def attention_reference(
     weights = scores.softmax(dim=-1)
     return einsum(weights, v, "batch n_heads seq_q seq_k, batch n_heads seq_k d_head -> batch n_heads seq_q d_head")
 
-
 @jaxtyped(typechecker=beartype)
-def attention(
-    q: Float[Tensor, "batch n_heads seq_q d_head"],
-    k: Float[Tensor, "batch n_heads seq_k d_head"],
-    v: Float[Tensor, "batch n_heads seq_k d_head"],
-    mask: Bool[Tensor, "batch seq_k"] | None = None,
-) -> Float[Tensor, "batch n_heads seq_q d_head"]:
-    """Eq. 1 through torch's fused kernel (flash attention on CPU); equals `attention_reference`."""
-    # No dropout on the attention probabilities: Vaswani et al. §5.4 drop sub-layer outputs only, and dropping
-    # probabilities would force SDPA back to its slow math kernel.
-    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        # CPU bf16 autocast: the fused kernel's bf16 backward took 4.7x its fp32 time; with Eq. 1 written out, its
-        # two matmuls on the bf16 matrix units, a d_model-128 training step fell from 526 to 284 ms (profiled)
-        return attention_reference(q, k, v, mask)
+def attention(q: Float[Tensor, "batch n_heads seq_q d_head"], k: Float[Tensor, "batch n_heads seq_k d_head"],
+              v: Float[Tensor, "batch n_heads seq_k d_head"], mask: Bool[Tensor, "batch seq_k"] | None = None):
+    """Eq. 1 in torch's fused kernel (Config.attention="sdpa") -> (batch, n_heads, seq_q, d_head) = q's shape."""
+    # no dropout on the probabilities: §5.4 drops sub-layer outputs only, and it would force SDPA's slow kernel
     attn_mask = None if mask is None else rearrange(mask, "batch seq_k -> batch 1 1 seq_k")
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
-
 # --- Composites: pick weights out of the dict by name -----------------------------------------------------------
+# Checked where entered (encoder, heads): each tensor inside reaches a checked leaf op, so checking them adds cost.
+def short_errors(fn):
+    """Cut jaxtyping's report to the lines that name the problem; in full it also lists the whole parameter dict."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TypeCheckError as e:
+            problem, _, rest = str(e).partition("\n----------------------\n")
+            dims = rest.partition("are as follows.\n")[2].replace("\n", ", ")
+            raise TypeCheckError(f"{problem}\nBound dimensions: {dims}").with_traceback(e.__traceback__) from None
+    return wrapped
 
-
-@jaxtyped(typechecker=beartype)
-def lora_update(
-    params: Params, name: str, x: Float[Tensor, "*batch d_in"], *, train: bool = False,
-    generator: torch.Generator | None = None,
-) -> Float[Tensor, "*batch d_out"]:
-    """s * B(A dropout(x)), the low-rank term LoRA adds beside the frozen linear `name` (Hu et al. 2021, Eq. 3).
-
-    `lora.with_lora` supplies `name.lora_{A,B,scale,dropout}`. A then B, never B@A: r(d_in + d_out) multiply-adds
-    per token instead of d_in * d_out, and no full-size weight gradient in the backward pass.
-    """
-    h = dropout(x, float(params[f"{name}.lora_dropout"]), train=train, generator=generator)
-    return float(params[f"{name}.lora_scale"]) * linear(linear(h, params[f"{name}.lora_A"], None),
-                                                         params[f"{name}.lora_B"], None)
-
-
-@jaxtyped(typechecker=beartype)
-def project(
-    params: Params, name: str, x: Float[Tensor, "*batch d_in"], *, train: bool = False,
-    generator: torch.Generator | None = None,
-) -> Float[Tensor, "*batch d_out"]:
-    """The linear layer `name`, W0 x + b, plus lora_update when the dict carries adapters for it (unmerged)."""
+def project(params: Params, name: str, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_out"]:
+    """The linear module `name`, x W^T + b, plus B(A x) when the dict holds `name.lora_{A,B}` (Hu et al. Eq. 3).
+    lora.with_lora stores s*B as `name.lora_B`, so no scale lives here. A then B, never B@A: rank (d_in + d_out)
+    multiply-adds per token instead of d_in d_out, and no full-size weight gradient in the backward pass."""
     out = linear(x, params[f"{name}.weight"], params.get(f"{name}.bias"))
     if f"{name}.lora_A" not in params:
         return out
-    return out + lora_update(params, name, x, train=train, generator=generator)
+    return out + linear(linear(x, params[f"{name}.lora_A"], None), params[f"{name}.lora_B"], None)
 
-
-@jaxtyped(typechecker=beartype)
-def embed(
-    params: Params, tokens: Int[Tensor, "batch seq"], cfg: Config,
-    token_types: Int[Tensor, "batch seq"] | None = None, *, train: bool = False,
-    generator: torch.Generator | None = None,
-) -> Float[Tensor, "batch seq d_model"]:
+def embed(params: Params, tokens: Int[Tensor, "batch seq"], cfg: Config,
+          token_types: Int[Tensor, "batch seq"] | None = None, *, train: bool = False,
+          generator: torch.Generator | None = None) -> Float[Tensor, "batch seq d_model"]:
     """Token ids to the input of the first block (§3.4, §3.5; BERT: Devlin et al. 2018, Figure 2)."""
     seq = tokens.shape[1]
     if seq > cfg.max_len:
@@ -301,174 +212,112 @@ def embed(
         x = x * math.sqrt(cfg.d_model) + positional_encoding(seq, cfg.d_model, device=x.device, dtype=x.dtype)
     return dropout(x, cfg.dropout, train=train, generator=generator)  # §5.4: dropout on the embedding sums
 
-
-@jaxtyped(typechecker=beartype)
-def self_attention(
-    params: Params, name: str, x: Float[Tensor, "batch seq d_model"], cfg: Config,
-    mask: Bool[Tensor, "batch seq"] | None = None, *, train: bool = False,
-    generator: torch.Generator | None = None,
-) -> Float[Tensor, "batch seq d_model"]:
+def self_attention(params: Params, name: str, x: Float[Tensor, "batch seq d_model"], cfg: Config,
+                   mask: Bool[Tensor, "batch seq"] | None = None) -> Float[Tensor, "batch seq d_model"]:
     """Multi-head self-attention (§3.2.2): project, split heads, attend, merge heads, project."""
     # 1) separate q, k, v projections, so LoRA can target each one by name
-    q, k, v = (
-        rearrange(project(params, f"{name}.{p}", x, train=train, generator=generator),
-                  "batch seq (n_heads d_head) -> batch n_heads seq d_head", n_heads=cfg.n_heads)
-        for p in ("q", "k", "v")
-    )
+    q, k, v = (rearrange(project(params, f"{name}.{p}", x), "batch seq (n_heads d_head) -> batch n_heads seq d_head",
+                         n_heads=cfg.n_heads) for p in ("q", "k", "v"))
     # 2) every head attends on its own d_head-wide slice
-    heads = attention(q, k, v, mask)
+    heads = (attention if cfg.attention == "sdpa" else attention_reference)(q, k, v, mask)
     # 3) concatenate the heads and mix them with W^O
-    merged = rearrange(heads, "batch n_heads seq d_head -> batch seq (n_heads d_head)")
-    return project(params, f"{name}.o", merged, train=train, generator=generator)
+    return project(params, f"{name}.o", rearrange(heads, "batch n_heads seq d_head -> batch seq (n_heads d_head)"))
 
+def feed_forward(params: Params, name: str, x: Float[Tensor, "batch seq d_model"],
+                 cfg: Config) -> Float[Tensor, "batch seq d_model"]:
+    """Position-wise FFN(x) = act(x W1 + b1) W2 + b2 (§3.3, Eq. 2); act is ReLU, or exact-erf GELU for BERT."""
+    hidden = project(params, f"{name}.up", x)
+    return project(params, f"{name}.down", F.relu(hidden) if cfg.activation == "relu" else F.gelu(hidden))
 
-@jaxtyped(typechecker=beartype)
-def feed_forward(
-    params: Params, name: str, x: Float[Tensor, "batch seq d_model"], cfg: Config, *, train: bool = False,
-    generator: torch.Generator | None = None,
-) -> Float[Tensor, "batch seq d_model"]:
-    """Position-wise FFN(x) = act(x W1 + b1) W2 + b2 (§3.3, Eq. 2); both linears can carry LoRA.
-
-    act is ReLU (§3.3) or, for BERT, GELU in its exact erf form (Hendrycks & Gimpel 2016; HF's "gelu").
-    """
-    hidden = project(params, f"{name}.up", x, train=train, generator=generator)
-    # ReLU overwrites the up-projection's output, a fresh tensor nobody else holds: one d_ff-wide tensor less
-    # per layer, measurably faster on CPU (autograd allows it: ReLU's backward reads its own output).
-    hidden = F.relu_(hidden) if cfg.activation == "relu" else F.gelu(hidden)
-    return project(params, f"{name}.down", hidden, train=train, generator=generator)
-
-
-@jaxtyped(typechecker=beartype)
-def encoder_layer(
-    params: Params, name: str, x: Float[Tensor, "batch seq d_model"], cfg: Config,
-    mask: Bool[Tensor, "batch seq"] | None = None, *, train: bool = False,
-    generator: torch.Generator | None = None,
-) -> Float[Tensor, "batch seq d_model"]:
+def encoder_layer(params: Params, name: str, x: Float[Tensor, "batch seq d_model"], cfg: Config,
+                  mask: Bool[Tensor, "batch seq"] | None = None, *, train: bool = False,
+                  generator: torch.Generator | None = None) -> Float[Tensor, "batch seq d_model"]:
     """One block: attention then feed-forward, each in a residual with LayerNorm (§3.1) and dropout (§5.4)."""
-    rng = {"train": train, "generator": generator}
+    drop = functools.partial(dropout, p=cfg.dropout, train=train, generator=generator)
 
     def norm(which: str, h: Tensor) -> Tensor:
         return layer_norm(h, params[f"{name}.{which}.weight"], params[f"{name}.{which}.bias"], cfg.eps)
 
-    def attend(h: Tensor) -> Tensor:
-        return dropout(self_attention(params, f"{name}.attn", h, cfg, mask, **rng), cfg.dropout, **rng)
-
-    def ffn(h: Tensor) -> Tensor:
-        return dropout(feed_forward(params, f"{name}.ffn", h, cfg, **rng), cfg.dropout, **rng)
-
     if cfg.norm_first:  # Pre-LN, Xiong et al. 2020: the residual path is an identity from input to output
-        x = x + attend(norm("ln1", x))
-        return x + ffn(norm("ln2", x))
-    x = norm("ln1", x + attend(x))  # Post-LN, §3.1: LayerNorm(x + Sublayer(x)); = torch norm_first=False = BERT
-    return norm("ln2", x + ffn(x))
+        x = x + drop(self_attention(params, f"{name}.attn", norm("ln1", x), cfg, mask))
+        return x + drop(feed_forward(params, f"{name}.ffn", norm("ln2", x), cfg))
+    # Post-LN, §3.1: LayerNorm(x + Sublayer(x)), as torch's norm_first=False and BERT
+    x = norm("ln1", x + drop(self_attention(params, f"{name}.attn", x, cfg, mask)))
+    return norm("ln2", x + drop(feed_forward(params, f"{name}.ffn", x, cfg)))
 
-
+@short_errors
 @jaxtyped(typechecker=beartype)
-def encoder(
-    params: Params, tokens: Int[Tensor, "batch seq"], cfg: Config, mask: Bool[Tensor, "batch seq"] | None = None,
-    *, token_types: Int[Tensor, "batch seq"] | None = None, train: bool = False,
-    generator: torch.Generator | None = None,
-) -> Float[Tensor, "batch seq d_model"]:
+def encoder(params: Params, tokens: Int[Tensor, "batch seq"], cfg: Config,
+            mask: Bool[Tensor, "batch seq"] | None = None, *, token_types: Int[Tensor, "batch seq"] | None = None,
+            train: bool = False, generator: torch.Generator | None = None) -> Float[Tensor, "batch seq d_model"]:
     """Token ids to contextual vectors. mask: True for a real token; padded keys receive no attention.
-
     train=True turns dropout on, drawn from `generator`. A sequence whose mask is all False has nothing to
-    attend to and comes out as NaN or garbage; give every sequence at least one real token.
-    """
+    attend to and comes out as NaN or garbage; give every sequence at least one real token."""
     x = embed(params, tokens, cfg, token_types, train=train, generator=generator)
     for i in range(cfg.n_layers):
         x = encoder_layer(params, f"layers.{i}", x, cfg, mask, train=train, generator=generator)
-    if cfg.norm_first:
-        x = layer_norm(x, params["ln_f.weight"], params["ln_f.bias"], cfg.eps)
-    return x
+    return layer_norm(x, params["ln_f.weight"], params["ln_f.bias"], cfg.eps) if cfg.norm_first else x
 
-
-# --- Heads ------------------------------------------------------------------------------------------------------
-
-
+# --- Heads: their linears go through `project` too, so an adapter on any of them works unmerged ----------------
 def init_head(cfg: Config, n_classes: int, generator: torch.Generator) -> Params:
     """The seed's classifier: one linear layer over the mean of the real tokens' outputs."""
     bound = math.sqrt(6.0 / (cfg.d_model + n_classes))
     weight = torch.empty(n_classes, cfg.d_model).uniform_(-bound, bound, generator=generator)
     return {"head.weight": weight, "head.bias": torch.zeros(n_classes)}
 
-
+@short_errors
 @jaxtyped(typechecker=beartype)
-def classify(
-    params: Params, hidden: Float[Tensor, "batch seq d_model"], mask: Bool[Tensor, "batch seq"] | None = None
-) -> Float[Tensor, "batch n_classes"]:
+def classify(params: Params, hidden: Float[Tensor, "batch seq d_model"],
+             mask: Bool[Tensor, "batch seq"] | None = None) -> Float[Tensor, "batch n_classes"]:
     """Logits from the mean over real tokens (pads would otherwise dilute short sequences)."""
     if mask is None:
-        pooled = hidden.mean(dim=1)
-    else:
-        weights = mask.to(hidden.dtype)
-        pooled = einsum(hidden, weights, "batch seq d_model, batch seq -> batch d_model")
-        pooled = pooled / weights.sum(dim=1, keepdim=True)
-    return linear(pooled, params["head.weight"], params["head.bias"])
-
+        return project(params, "head", hidden.mean(dim=1))
+    weights = mask.to(hidden.dtype)
+    pooled = einsum(hidden, weights, "batch seq d_model, batch seq -> batch d_model")
+    return project(params, "head", pooled / weights.sum(dim=1, keepdim=True))
 
 def init_bert_head(cfg: Config, n_classes: int, generator: torch.Generator) -> Params:
     """HF BertForSequenceClassification's head: a tanh pooler over [CLS], then a linear classifier."""
     def normal(*shape: int) -> Tensor:
         return torch.empty(shape).normal_(0.0, 0.02, generator=generator)  # BERT's initializer_range
-
     return {"pooler.weight": normal(cfg.d_model, cfg.d_model), "pooler.bias": torch.zeros(cfg.d_model),
             "classifier.weight": normal(n_classes, cfg.d_model), "classifier.bias": torch.zeros(n_classes)}
 
-
+@short_errors
 @jaxtyped(typechecker=beartype)
-def bert_classify(
-    params: Params, hidden: Float[Tensor, "batch seq d_model"], *, train: bool = False,
-    generator: torch.Generator | None = None, p: float = 0.0,
-) -> Float[Tensor, "batch n_classes"]:
+def bert_classify(params: Params, hidden: Float[Tensor, "batch seq d_model"], *, train: bool = False,
+                  generator: torch.Generator | None = None, p: float = 0.0) -> Float[Tensor, "batch n_classes"]:
     """classifier(dropout(tanh(pooler(hidden[:, 0])))): BERT reads the class from the first ([CLS]) token, §3."""
-    pooled = torch.tanh(linear(hidden[:, 0], params["pooler.weight"], params["pooler.bias"]))
-    pooled = dropout(pooled, p, train=train, generator=generator)
-    return linear(pooled, params["classifier.weight"], params["classifier.bias"])
-
+    pooled = dropout(torch.tanh(project(params, "pooler", hidden[:, 0])), p, train=train, generator=generator)
+    return project(params, "classifier", pooled)
 
 # --- Demo: python nanollm.py ------------------------------------------------------------------------------------
-
-
 def _demo(png: str) -> None:
     import matplotlib
-
     matplotlib.use("Agg")  # write a file, never open a window
     import matplotlib.pyplot as plt
-
     cfg = Config()
     params = init_params(cfg, torch.Generator().manual_seed(0))
     tokens = torch.randint(0, cfg.vocab_size, (2, 50), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones(2, 50, dtype=torch.bool)
-    mask[1, 40:] = False  # the second sequence ends in 10 pads
-    with torch.no_grad():
-        out = encoder(params, tokens, cfg, mask)
-    print(f"config: {cfg}")
-    print(f"tokens {tuple(tokens.shape)} -> encoder output {tuple(out.shape)}")
-
+    mask = torch.arange(50) < torch.tensor([[50], [40]])  # the second sequence ends in 10 pads
+    out = encoder(params, tokens, cfg, mask)
+    print(f"config: {cfg}\ntokens {tuple(tokens.shape)} -> encoder output {tuple(out.shape)}\n"
+          "parameters per component (all layers together):")
     groups: dict[str, int] = {}
     for key, value in params.items():
-        part = key.split(".")[2] if key.startswith("layers.") else key.split(".")[0]
+        part = key.split(".")[2 if key.startswith("layers.") else 0]
         groups[part] = groups.get(part, 0) + value.numel()
     total = sum(groups.values())
-    print("parameters per component (all layers together):")
-    for part, n in groups.items():
+    for part, n in (groups | {"total": total}).items():
         print(f"  {part:8s} {n:>12,d}  {100 * n / total:5.1f}%")
-    print(f"  {'total':8s} {total:>12,d}")
-
     pe = positional_encoding(cfg.max_len, cfg.d_model, dtype=torch.float64)
     fig, ax = plt.subplots(figsize=(10, 5))
-    image = ax.imshow(pe.numpy(), aspect="auto", cmap="RdBu", vmin=-1, vmax=1)
+    fig.colorbar(ax.imshow(pe.numpy(), aspect="auto", cmap="RdBu", vmin=-1, vmax=1))
     ax.set(xlabel="dimension", ylabel="position", title=f"sinusoidal positional encoding (d_model={cfg.d_model})")
-    fig.colorbar(image)
     fig.savefig(png, dpi=100)
-    print(f"positional-encoding heatmap written to {png}")
-
-    k = 7
-    shifted = pe[:-k] @ pe_shift_matrix(k, cfg.d_model).T
-    error = (shifted - pe[k:]).abs().max().item()
-    print(f"PE(pos + {k}) = M_{k} PE(pos) for all {cfg.max_len - k} positions, M_{k} a fixed block rotation: "
-          f"max error {error:.1e} (float64) {'OK' if error < 1e-5 else 'FAILED'}")
-
+    error = (pe[:-7] @ pe_shift_matrix(7, cfg.d_model).T - pe[7:]).abs().max().item()
+    print(f"positional-encoding heatmap written to {png}\nPE(pos + 7) = M_7 PE(pos) for all {cfg.max_len - 7} "
+          f"positions, M_7 a block rotation: max error {error:.1e} (float64) {'OK' if error < 1e-5 else 'FAILED'}")
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="nanollm quick start: seed encoder, parameter counts, PE demo")
