@@ -16,7 +16,7 @@ import re
 
 import torch
 from beartype import beartype
-from einops import einsum, rearrange
+from einops import rearrange
 from jaxtyping import Float, UInt8, jaxtyped
 from torch import Tensor
 
@@ -27,9 +27,8 @@ Params = dict[str, Tensor]
 def _modules(adapters: Params) -> list[str]:  # the module names X that adapters adapt (those with X.lora_A)
     return [k[: -len(".lora_A")] for k in adapters if k.endswith(".lora_A")]
 
-def _delta(adapters: Params, x: str, scale: float) -> Tensor:
-    """s·B@A of module x (Hu et al. Eq. 3)."""
-    return scale * einsum(adapters[f"{x}.lora_B"], adapters[f"{x}.lora_A"], "d_out rank, rank d_in -> d_out d_in")
+def _delta(adapters: Params, x: str, scale: float) -> Tensor:  # s·B@A of module x (Hu et al. Eq. 3)
+    return lora.delta(adapters[f"{x}.lora_A"], adapters[f"{x}.lora_B"], scale)
 
 # --- QLoRA: 4-bit NormalFloat storage with double quantisation (Dettmers et al. 2023, §3) ------------------------
 NF4_BLOCK, SCALE_BLOCK = 64, 256  # weights per absmax scale; scales per second-level scale (the paper's sizes)
