@@ -17,7 +17,8 @@ batches and optimiser: equal to lora step by step, OUT/lora_vs_peft.png), head (
 on request qlora, dora, pissa and adalora, each trained as lora is.
 
 OUT/manifest.json lists every file train.py wrote (size, SHA-256, settings, origin); files are checked against it
-before they are read, nothing train.py did not write is deleted, one process at a time writes (OUT/.lock).
+before they are read, nothing train.py did not write is deleted, a finished run is replaced only with --overwrite,
+one process at a time writes (OUT/.lock).
 --resume continues from the last checkpoint (parameters, optimiser state, step: a step's random numbers derive from
 (seed, run, step, rank)), rebuilds what is missing or changed, and ends where an uninterrupted run ends.
 """
@@ -938,6 +939,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--threads", metavar="N", type=count, help="torch CPU threads (default: torch's choice)")
     add("--dist-timeout", metavar="SECONDS", type=rate, default=DIST_TIMEOUT,
         help=f"torchrun: a collective waiting longer for a stalled rank stops the job (default: {DIST_TIMEOUT})")
+    add("--overwrite", action="store_true", help="retrain runs that finished in OUT (without it, and without "
+        "--resume, train.py refuses to replace them)")
     add("--json", action="store_true", help="predict: print one JSON object instead of a table")
     args = p.parse_intermixed_args(argv)  # lets texts follow options: predict --out DIR "text"
     if args.texts and args.command != "predict":
@@ -991,6 +994,11 @@ def train(args: argparse.Namespace) -> int:
             out.say(f"--model {plan['model']}: that is the base; nothing to pretrain" if plan["model"] else
                     f"base ready: {ensure_base(ctx, plan, data)}")
             return 0
+        # a finished run is replaced only when told; a broken file is named by its own check further on
+        done = [r for r in runs if f"runs/{r}/result.json" in out.files and not out.problem(f"runs/{r}")]
+        if done and not (args.resume or args.overwrite or out.under("base") and out.problem("base")):
+            raise DataError(f"{out.root}: {', '.join(done)} finished there already; --resume reuses them, "
+                            f"--overwrite retrains them (their files are replaced)")
         stages = {"data": time.perf_counter() - started}
         info = {"label_names": data.label_names, "max_len": plan["max_len"], "seed": ctx.seed,
                 "base_is_ours": plan["model"] is None, "base": where}  # what predict needs to rebuild a run
