@@ -168,7 +168,8 @@ def bert_pair():
               "attn.o": "attention.output.dense", "ln1": "attention.output.LayerNorm",
               "ffn.up": "intermediate.dense", "ffn.down": "output.dense", "ln2": "output.LayerNorm"}
     hf, e = model.state_dict(), "bert.embeddings."
-    params = {"embed.weight": hf[f"{e}word_embeddings.weight"], "pos_embed.weight": hf[f"{e}position_embeddings.weight"],
+    params = {"embed.weight": hf[f"{e}word_embeddings.weight"],
+              "pos_embed.weight": hf[f"{e}position_embeddings.weight"],
               "type_embed.weight": hf[f"{e}token_type_embeddings.weight"],
               "ln_embed.weight": hf[f"{e}LayerNorm.weight"], "ln_embed.bias": hf[f"{e}LayerNorm.bias"],
               "pooler.weight": hf["bert.pooler.dense.weight"], "pooler.bias": hf["bert.pooler.dense.bias"],
@@ -1955,7 +1956,8 @@ def test_a_stalled_rank_ends_the_job_with_one_line_after_the_timeout(quick, tmp_
                                env=env | {"RANK": "1"})
     try:
         done = subprocess.run([sys.executable, "train.py", *QUICK, "--runs", "head", "--out", str(out),
-                               "--overwrite", "--dist-timeout", "3"], cwd=Path(train.__file__).parent, env=env | {"RANK": "0"},
+                               "--overwrite", "--dist-timeout", "3"], cwd=Path(train.__file__).parent,
+                              env=env | {"RANK": "0"},
                               capture_output=True, text=True, timeout=120)
     finally:
         stalled.kill()
