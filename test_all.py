@@ -520,9 +520,6 @@ def test_nanollm_help_exits_without_running_the_demo(tmp_path):
 
 
 
-# Small sizes, all distinct, so a swapped axis cannot pass: batch 2, seq 7, d_model 12 (3 heads of 4), d_ff 20,
-# vocab 11, rank 5, n_classes 6, n_layers 2; max_len 13, type_vocab 3.
-BATCH, SEQ, D_MODEL, N_HEADS, D_FF, VOCAB, RANK, N_CLASSES, N_LAYERS = 2, 7, 12, 3, 20, 11, 5, 6, 2
 TINY = nanollm.Config(vocab_size=VOCAB, d_model=D_MODEL, n_heads=N_HEADS, d_ff=D_FF, n_layers=N_LAYERS, max_len=13,
                       dropout=0.0)
 TINY_BERT = BertConfig(vocab_size=VOCAB, hidden_size=D_MODEL, num_hidden_layers=N_LAYERS, num_attention_heads=N_HEADS,
@@ -944,10 +941,6 @@ def test_lora_help_exits_without_running_the_demo(tmp_path):
 
 
 
-# the shared sizes, all distinct: batch 2, seq 7, d_model 12 (3 heads of 4), d_ff 20, vocab 11, rank 5, 6 classes,
-# 13 positions, 3 token types; 2 layers (= batch, but no tensor has both)
-BATCH, SEQ, D_MODEL, N_HEADS, D_FF, VOCAB, RANK, N_CLASSES, N_LAYERS = 2, 7, 12, 3, 20, 11, 5, 6, 2
-MAX_LEN, TYPE_VOCAB = 13, 3
 
 
 def hf_tiny_bert(cls=BertForSequenceClassification, dtype=torch.float64, n_layers=N_LAYERS, seed=0):
@@ -1331,8 +1324,7 @@ def test_help_does_not_run_the_demo():
 
 
 
-# small sizes, all distinct: batch, seq, hidden, heads, intermediate, vocab, rank, labels, layers
-BATCH, SEQ, HIDDEN, HEADS, FFN, VOCAB, RANK, LABELS, LAYERS = 2, 7, 12, 3, 20, 11, 5, 6, 2
+HIDDEN, HEADS, FFN, LABELS, LAYERS = D_MODEL, N_HEADS, D_FF, N_CLASSES, N_LAYERS  # the shared sizes, HF's names
 CFG = lora.LoraConfig(r=RANK, lora_alpha=7, target_modules=("query", "value"))
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
                                reason="bitsandbytes is not installed (pip install nanollm[qlora])")

@@ -102,7 +102,7 @@ QUICK = dict(train=2000, eval=400, source_lines=3000, epochs=5, max_len=48,  # -
              base=dict(d_model=32, n_heads=2, d_ff=64, n_layers=2, dropout=0.0),
              pretrain=PRETRAIN | dict(steps=2000, batch_size=32, seq=48, lr=5e-3, bag=2.0))  # bag 2: a [CLS] quickly
 RUNS = ("scratch", "lora", "peft", "head", "full")  # the default --runs, in the report's order
-VARIANTS = ("qlora", "dora", "pissa", "adalora")  # issue 15's LoRA variants: on request only
+VARIANTS = ("qlora", "dora", "pissa", "adalora")  # LoRA's variants (lora_variants.py): on request only
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4, as our exported vocab.txt lists them
 PAD, UNK, CLS, SEP, MASK = range(5)
 
@@ -263,7 +263,7 @@ def epoch_batches(lengths: Tensor, batch_size: int, seed: int) -> list[Tensor]:
         batches += list(chunk[torch.argsort(lengths[chunk], stable=True)].split(batch_size))
     return [batches[i] for i in torch.randperm(len(batches), generator=g)]
 
-# --- The output folder: a manifest of everything train.py wrote, and a lock (issue 13) ---------------------------
+# --- The output folder: a manifest of everything train.py wrote, and a lock ---------------------------------------
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -600,8 +600,8 @@ def load_base(where: str | None, max_len: int, ours: bool, n_classes: int, seed:
     return cfg, frozen, {k: v for k, v in fresh.items() if k.startswith("classifier.")}, encode
 
 # --- The runs: each row's model as (trainable tensors, forward, how to save), trained by one function ------------
-# LoRA and its variants (issue 15) on one frozen base, every adapter key holding ".lora_": name -> (init(frozen, cfg,
-# generator) -> (the frozen base the run uses, adapters), apply(frozen, adapters, cfg) -> the encoder's params)
+# LoRA and its variants (lora_variants.py) on one frozen base, every adapter key holding ".lora_": name ->
+# (init(frozen, cfg, generator) -> (the frozen base the run uses, adapters), apply(frozen, adapters, cfg) -> params)
 ADAPTED = {"lora": (lambda f, c, g: (f, lora.init_lora(f, c, g)), lora.with_lora),
            "dora": (lambda f, c, g: (f, lv.init_dora(f, c, g)), lv.merge_dora),  # + a magnitude per row
            "pissa": (lambda f, c, g: lv.init_pissa(f, c), lora.with_lora),  # its frozen base is W0's residual
@@ -763,7 +763,7 @@ def run_all(ctx: Ctx, plan: dict, data: Dataset, runs: list[str], info: dict, st
     return results
 
 def baseline(data: Dataset) -> dict:
-    """Character 1-3-gram TF-IDF + a linear SVM (issue 14): the row a Transformer has to beat; C chosen on val."""
+    """Character 1-3-gram TF-IDF + a linear SVM: the row a Transformer has to beat; C chosen on validation."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.svm import LinearSVC
     began, tfidf = time.perf_counter(), TfidfVectorizer(analyzer="char", ngram_range=(1, 3), sublinear_tf=True)
