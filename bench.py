@@ -15,6 +15,8 @@ Sections:
 3. LoRA analysis: trainable parameters of the seed encoder and of BERT-base-chinese by target set and rank (shapes
    from nanollm.init_params and from HF's BertForSequenceClassification, both built on the meta device), PEFT's
    own count, multiply-adds of the orders B(Ax) and (BA)x, and their measured times.
+4. One frozen base, many tasks: inference on a 16x128 batch whose rows use 4 different adapters (+ heads), as one
+   lora.mixed_batch call against one batch per adapter (unmerged, and merged into a copy of the base).
 
 Timings are medians over round-robin rounds: every variant runs once per round, so a noisy neighbour slows all of
 them alike; a ratio is the median of the per-round ratios. A target is printed as a ratio against a peer measured
@@ -22,6 +24,7 @@ in the same run, never asserted.
 """
 
 import argparse
+import dataclasses
 import math
 import multiprocessing
 import statistics
@@ -448,6 +451,50 @@ def analysis(quick: bool) -> list[str]:
     return efficiency_tables() + [""] + cost_table() + [""] + measured_orders(quick)
 
 
+# --- 4) Mixed-adapter batches: one call for rows with different adapters -----------------------------------------
+
+
+def mixed_vs_per_adapter(cfg: nanollm.Config, rounds: int, warmup: int, n_tasks: int = 4) -> list[str]:
+    """Section 4's lines: a 16x128 batch, rows spread over n_tasks adapters (r=8 on attn.q, attn.v) with heads."""
+    batch, seq = SHAPES[-1]
+    gen = torch.Generator().manual_seed(3)
+    base = nanollm.init_params(cfg, gen)
+    tasks = []
+    for _ in range(n_tasks):
+        adapters = {k: 0.01 * torch.randn(v.shape, generator=gen)
+                    for k, v in lora.init_lora(base, SEED_LORA, gen).items()}
+        tasks.append((adapters, nanollm.init_head(cfg, 2, gen)))
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen)
+    rows = torch.arange(batch) % n_tasks  # interleaved, as requests arrive
+    einsum_cfg = dataclasses.replace(cfg, attention="einsum")  # vmap has no batching rule for SDPA
+
+    def forward(params: Params, ids: Tensor, c: nanollm.Config = cfg) -> Tensor:
+        return nanollm.classify(params, nanollm.encoder(params, ids, c))
+
+    stacked = [{k: v for k, v in lora.with_lora(base, a, SEED_LORA).items() if ".lora_" in k} | h for a, h in tasks]
+    merged = [lora.merge(base, a, SEED_LORA) | h for a, h in tasks]
+
+    def per_adapter(weights: list[Params], unmerged: bool) -> Tensor:
+        out = torch.empty(batch, 2)
+        for i, (a, h) in enumerate(tasks):
+            params = lora.with_lora(base, a, SEED_LORA) | h if unmerged else weights[i]
+            out[rows == i] = forward(params, tokens[rows == i])
+        return out
+
+    fns = {"mixed": lambda: lora.mixed_batch(lambda p, ids: forward(p, ids, einsum_cfg), base, stacked, rows, tokens),
+           "unmerged": lambda: per_adapter([], True), "merged": lambda: per_adapter(merged, False)}
+    with torch.no_grad():
+        assert (fns["mixed"]() - fns["merged"]()).abs().max() < 1e-3  # the same logits, up to float32 rounding
+        t = round_robin(fns, rounds, warmup)
+    return [
+        f"4) {n_tasks} adapters (r=8 on attn.q, attn.v) + heads on one base, a {batch}x{seq} batch, rows interleaved,"
+        f" inference",
+        f"  one batch per adapter   unmerged {ms(t['unmerged']):8.1f} ms   merged copies {ms(t['merged']):8.1f} ms",
+        f"  lora.mixed_batch        {ms(t['mixed']):8.1f} ms: {ratio(t['mixed'], t['unmerged']):.3f}x unmerged, "
+        f"{ratio(t['mixed'], t['merged']):.3f}x merged (one call, nothing merged, no model state; einsum attention)",
+    ]
+
+
 # --- Main -------------------------------------------------------------------------------------------------------
 
 
@@ -456,8 +503,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny config and few rounds: checks that it all runs")
     parser.add_argument("--rounds", type=int, default=None, help="timed round-robin rounds (default 9, quick 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--only", type=int, choices=(1, 2, 3),
-                        help="one section: 1 encoder speed, 2 LoRA vs full, 3 LoRA analysis")
+    parser.add_argument("--only", type=int, choices=(1, 2, 3, 4),
+                        help="one section: 1 encoder speed, 2 LoRA vs full, 3 LoRA analysis, 4 mixed batches")
     args = parser.parse_args()
     cfg = QUICK if args.quick else nanollm.Config()
     rounds, warmup = args.rounds or (3 if args.quick else 9), 1 if args.quick else 3
@@ -468,7 +515,7 @@ def main() -> None:
     print(f"timings: medians of {rounds} round-robin rounds after {warmup} warm-up rounds (each variant runs once "
           f"a round);\nratios: the median of the per-round ratios\n")
     sections = {1: lambda: encoder_speed(cfg, rounds, warmup), 2: lambda: lora_vs_full(cfg, rounds, warmup),
-                3: lambda: analysis(args.quick)}
+                3: lambda: analysis(args.quick), 4: lambda: mixed_vs_per_adapter(cfg, rounds, warmup)}
     for number, section in sections.items():
         if args.only in (None, number):
             print("\n".join(section()), end="\n\n", flush=True)

@@ -1,17 +1,11 @@
-"""LoRA from scratch: pure functions from one parameter dict to another.
-
-A frozen linear weight W0 (d_out, d_in) is adapted by a rank-r product (Hu et al. 2021, Eq. 3):
-    h = W0 x + b + s B(A x),   A: (rank, d_in) random,  B: (d_out, rank) zero,  s = lora_alpha / r
-Only A and B train. init_lora makes them; with_lora hands them to nanollm (whose `project` adds B(A x)); merge
-folds s B@A into W0 and unmerge takes it out; save_adapter and load_adapter use PEFT's file layout, both ways.
-Works on any dict of X.weight tensors (nanollm's, a HuggingFace state_dict); imports nothing from this project.
-On any torch model, differentiably (gradients reach A and B; `python lora.py` works it through):
+"""LoRA from scratch: pure functions from one parameter dict to another (Hu et al. 2021, arXiv:2106.09685, Eq. 3):
+    h = W0 x + b + s B(A x),   W0: (d_out, d_in) frozen,  A: (rank, d_in) random,  B: (d_out, rank) zero,  s = alpha / r
+init_lora makes A and B; with_lora hands them to nanollm (whose `project` adds B(A x)); merge folds s B@A into W0,
+unmerge takes it out; mixed_batch runs rows with different adapters in one batch; save_adapter and load_adapter use
+PEFT's file layout. On any torch model, as `python lora.py` shows (with_lora's extra keys are for nanollm only):
     adapters = {k: v.requires_grad_() for k, v in init_lora(base, cfg, generator).items()}  # base: state_dict
     out = torch.func.functional_call(model, merge(base, adapters, cfg), (x,), strict=True)
-with_lora's extra keys are for nanollm: functional_call would ignore them (strict=True raises instead).
-References: Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685;
-Kalajdzievski 2023, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA" (rsLoRA), arXiv:2312.03732;
-HuggingFace PEFT (peft.LoraConfig, LoraLayer.reset_lora_parameters, save_pretrained). Dimensions: rank d_in d_out.
+References: rsLoRA (Kalajdzievski 2023), arXiv:2312.03732; HuggingFace PEFT (LoraConfig, save_pretrained).
 """
 
 import argparse
@@ -49,9 +43,8 @@ class LoraConfig:
                  "lora_alpha": (type(self.lora_alpha) in number and 0 < self.lora_alpha < math.inf, "finite, > 0"),
                  "lora_dropout": (type(self.lora_dropout) in number and 0 <= self.lora_dropout < 1, "in [0, 1)"),
                  "use_rslora": (type(self.use_rslora) is bool, "True or False")}
-        for name, (ok, expected) in rules.items():
-            if not ok:
-                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+        if bad := [f"{n} must be {want}, got {getattr(self, n)!r}" for n, (ok, want) in rules.items() if not ok]:
+            raise ValueError(bad[0])
 
     @property
     def scale(self) -> float:
@@ -97,7 +90,7 @@ def init_lora(params: Params, cfg: LoraConfig, generator: torch.Generator) -> Pa
         adapters |= {f"{m}.lora_A": lora_A, f"{m}.lora_B": w.new_zeros(w.shape[0], cfg.r)}
     return adapters
 
-# --- The arithmetic: unmerged for training, merged for inference ------------------------------------------------
+# --- The arithmetic: unmerged for training, merged for inference, mixed batches for serving ----------------------
 def _modules(adapters: Params, cfg: LoraConfig, base: Params | None = None) -> list[str]:
     """Modules X of adapters, checked: X.lora_A (r, d_in) and X.lora_B (d_out, r) each, fitting X.weight in base."""
     modules = sorted({k.rpartition(".")[0] for k in adapters})
@@ -118,8 +111,7 @@ def _modules(adapters: Params, cfg: LoraConfig, base: Params | None = None) -> l
 
 def with_lora(base: Params, adapters: Params, cfg: LoraConfig) -> Params:
     """base | {X.lora_A: A, X.lora_B: s B}: nanollm's project adds (s B)(A x) and never forms W0 + s B@A."""
-    # W0 + s B@A in training would cost a full weight-gradient matmul each step, most of what LoRA saves. s goes into
-    # B (the dict holds only tensors): bit for bit PEFT's s (B(A x)) when s is a power of two, as the project's 2.
+    # W0 + s B@A would cost a full weight gradient each step; s B is bit for bit PEFT's s (B(A x)) when s = 2^k
     if cfg.lora_dropout:
         raise ValueError(f"with_lora runs without adapter dropout; lora_dropout={cfg.lora_dropout} is PEFT's (use 0.0)")
     _modules(adapters, cfg, base)
@@ -146,6 +138,15 @@ def unmerge(merged: Params, adapters: Params, cfg: LoraConfig) -> Params:
     """Inverse of merge: W - s B@A, so one base can switch between adapters."""
     return _shift(merged, adapters, cfg, -1.0)
 
+def mixed_batch(forward, base: Params, tasks: list[Params], rows: Tensor, *inputs: Tensor) -> Tensor:
+    """forward(base | tasks[rows[b]], row b of inputs) for each row b, in one call: PEFT's adapter_names= as a pure
+    function. Each task's tensors (with_lora's lora keys, a head) are stacked on a new axis and gathered per row;
+    torch.func.vmap runs forward over the rows (nanollm: use attention="einsum", SDPA has no vmap rule)."""
+    if not tasks or any(sorted(t) != sorted(tasks[0]) for t in tasks):
+        raise ValueError("mixed_batch needs tasks that all hold the same keys (an adapter and head per task)")
+    per_row = {k: torch.stack([t[k] for t in tasks])[rows] for k in tasks[0]}
+    return torch.func.vmap(lambda p, *row: forward(base | p, *(x[None] for x in row))[0])(per_row, *inputs)
+
 # --- Adapter files in PEFT's layout -----------------------------------------------------------------------------
 WEIGHTS, CONFIG, PREFIX = "adapter_model.safetensors", "adapter_config.json", "base_model.model."
 # PEFT options LoraConfig does not model: refused, never ignored (exclude_modules only narrows PEFT's matching)
@@ -159,7 +160,6 @@ def save_adapter(directory: str | os.PathLike, adapters: Params, cfg: LoraConfig
     if not adapters or untargeted or any(".lora_" in k for k in extra):
         raise ValueError(f"cannot save: adapters must be X.lora_A / X.lora_B of modules in target_modules (not "
                          f"{untargeted or 'none'}), and extra only full tensors such as a head")
-    # PEFT's lora_A is an nn.Linear, so X.lora_A is stored as "...X.lora_A.weight"
     tensors = {f"{PREFIX}{k}.weight": v for k, v in adapters.items()} | {f"{PREFIX}{k}": v for k, v in extra.items()}
     config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
               "bias": "none", "modules_to_save": sorted({k.rpartition(".")[0] for k in extra}) or None,

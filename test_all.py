@@ -1320,6 +1320,62 @@ def test_help_does_not_run_the_demo():
     assert "Concept map" not in done.stdout and "MiniLM-L6, a BERT" not in done.stdout
 
 
+# --- one frozen base, many tasks: mixed-adapter batches and PEFT's multi-adapter layout ---------------------------
+
+def bert_forward(ncfg):
+    """(params, ids, mask, types) -> logits, nanollm's BERT with the classifier head."""
+    def forward(params, ids, mask, types):
+        return nanollm.bert_classify(params, nanollm.encoder(params, ids, ncfg, mask, token_types=types))
+    return forward
+
+
+def task_tensors(params, adapters, cfg, seed):
+    """What a task adds to the frozen base: with_lora's A and s*B, and its own classifier."""
+    generator = torch.Generator().manual_seed(seed)
+    head = {k: torch.randn(params[k].shape, generator=generator, dtype=torch.float64)
+            for k in ("classifier.weight", "classifier.bias")}
+    return {k: v for k, v in with_lora(params, adapters, cfg).items() if ".lora_" in k} | head, head
+
+
+def test_mixed_batch_equals_each_task_alone_and_peft_adapter_names_from_its_multi_adapter_folder(hf_pair, tmp_path):
+    model, ncfg, params = hf_pair
+    ncfg = dataclasses.replace(ncfg, attention="einsum")  # SDPA has no vmap rule
+    cfg = lora.LoraConfig(r=RANK, lora_alpha=3, target_modules=("attn.q", "attn.v", "ffn.down"))
+    one = hf_batch()
+    batch = {k: torch.cat([v, v.flip(0), v]) for k, v in one.items()}  # 6 rows: each sequence three times
+    inputs = (batch["input_ids"], batch["attention_mask"].bool(), batch["token_type_ids"])
+    tasks, heads = {}, {}
+    for name, seed in (("sentiment", 3), ("topic", 4)):
+        adapters = hf_random_adapters(params, cfg, seed)
+        tasks[name], heads[name] = task_tensors(params, adapters, cfg, seed)
+        hf_lora.save_as_peft(tmp_path / name, adapters | heads[name], cfg, model)  # PEFT's folder per adapter name
+    tasks["__base__"] = {k: torch.zeros_like(v) if k.endswith(".lora_B") else v
+                         for k, v in tasks["topic"].items()} | {k: params[k] for k in heads["topic"]}
+    names = ["topic", "sentiment", "__base__", "sentiment", "topic", "topic"]
+    rows = torch.tensor([list(tasks).index(n) for n in names])
+    forward = bert_forward(ncfg)
+    mixed = lora.mixed_batch(forward, params, list(tasks.values()), rows, *inputs)
+    alone = torch.cat([forward(params | tasks[n], *(x[b:b + 1] for x in inputs)) for b, n in enumerate(names)])
+    assert max_diff(mixed, alone) <= 1e-10
+
+    peft_model = PeftModel.from_pretrained(deepcopy(model), tmp_path / "sentiment", adapter_name="sentiment")
+    peft_model.load_adapter(tmp_path / "topic", adapter_name="topic")
+    peft_model.eval()
+    with torch.no_grad():
+        for name in ("sentiment", "topic"):
+            peft_model.set_adapter(name)
+            assert max_diff(peft_model(**batch).logits, forward(params | tasks[name], *inputs)) <= 1e-10, name
+        assert max_diff(peft_model(**batch, adapter_names=names).logits, mixed) <= 1e-10
+
+
+def test_mixed_batch_refuses_tasks_with_different_keys(hf_pair):
+    _, ncfg, params = hf_pair
+    cfg = lora.LoraConfig(r=RANK, lora_alpha=3, target_modules=("attn.q",))
+    task, head = task_tensors(params, hf_random_adapters(params, cfg), cfg, 3)
+    with pytest.raises(ValueError, match="same keys"):
+        lora.mixed_batch(bert_forward(ncfg), params, [task, head], torch.tensor([0, 1]))
+
+
 # --- lora_variants: QLoRA, DoRA, PiSSA, AdaLoRA against PEFT and bitsandbytes --------------------------------------
 
 
@@ -2186,6 +2242,48 @@ def test_missing_model_one_line_error_and_nothing_written(tmp_path, capsys):
     assert run([*QUICK, "--model", tmp_path / "no_such_model", "--out", out]) == 2
     assert "no_such_model" in one_line(capsys)
     assert not out.exists()
+
+# --- LoRA's hypothesis (Hu et al. section 7): measures with known answers -------------------------------------------
+
+def test_energy_share_of_a_rank_2_update_is_all_in_its_top_2_directions():
+    generator = torch.Generator().manual_seed(0)
+    u, v = torch.linalg.qr(torch.randn(D_FF, 2, generator=generator, dtype=torch.float64))[0], \
+        torch.linalg.qr(torch.randn(D_MODEL, 2, generator=generator, dtype=torch.float64))[0]
+    update = u @ torch.diag(torch.tensor([3.0, 1.0], dtype=torch.float64)) @ v.T  # singular values 3 and 1
+    shares = train.energy_share(update, (1, 2, RANK))
+    assert shares[0] == pytest.approx(9 / 10, abs=1e-12) and shares[1:] == pytest.approx([1.0, 1.0], abs=1e-12)
+
+
+def test_subspace_similarity_is_1_with_itself_or_a_superspace_0_when_orthogonal_half_at_45_degrees():
+    basis = torch.linalg.qr(torch.randn(D_FF, RANK, generator=torch.Generator().manual_seed(1),
+                                        dtype=torch.float64))[0]
+    assert train.subspace_similarity(basis, basis) == pytest.approx(1.0, abs=1e-12)
+    assert train.subspace_similarity(basis[:, :2], basis[:, 2:]) == pytest.approx(0.0, abs=1e-12)
+    assert train.subspace_similarity(basis[:, :2], basis) == pytest.approx(1.0, abs=1e-12)  # nested: min(i, j) = 2
+    assert train.subspace_similarity(basis[:, :1], (basis[:, :1] + basis[:, 1:2]) / math.sqrt(2)) == pytest.approx(0.5, abs=1e-12)
+
+
+def test_amplification_factor_of_an_update_along_a_weak_direction_of_w0():
+    eye = torch.eye(D_MODEL, dtype=torch.float64)
+    w0 = torch.diag(torch.arange(D_MODEL, 0, -1, dtype=torch.float64))  # W0 emphasises the first axes
+    weak, strong = 4.0 * torch.outer(eye[-1], eye[-1]), 4.0 * torch.outer(eye[0], eye[0])
+    assert train.amplification(weak, w0, 1) == pytest.approx(4.0 / 1.0)  # W0 is 1 along the last axis
+    assert train.amplification(strong, w0, 1) == pytest.approx(4.0 / D_MODEL)
+
+
+def test_quick_run_reports_the_hypothesis_measures_for_every_adapted_matrix(quick):
+    measures = json.loads((quick / "report.json").read_text())["hypothesis"]
+    n_layers = train.QUICK["base"]["n_layers"]
+    assert sorted(measures) == sorted(f"layers.{i}.{t}" for i in range(n_layers) for t in train.LORA_TARGETS)
+    for x, m in measures.items():
+        shares = [m["energy_share"][str(r)] for r in train.RANKS]
+        assert shares == sorted(shares) and shares[-1] == pytest.approx(1.0)  # r = 64 >= the quick model's widths
+        d_out = train.QUICK["base"]["d_ff" if x.endswith("ffn.up") else "d_model"]
+        assert 0 <= m["phi_lora_full"] <= 1 and m["phi_random"] == pytest.approx(train.LORA_R / d_out)
+    mean = {k: sum(m[k] for m in measures.values()) / len(measures) for k in ("phi_lora_full", "phi_random")}
+    assert mean["phi_lora_full"] > 2 * mean["phi_random"]  # LoRA finds full fine-tuning's directions, not noise
+    assert (quick / "hypothesis.png").read_bytes()[:4] == b"\x89PNG"
+
 
 # --- pretraining ----------------------------------------------------------------------------------------------------
 

@@ -45,6 +45,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from beartype import beartype
+from jaxtyping import Float, jaxtyped
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
@@ -777,6 +779,69 @@ def baseline(data: Dataset) -> dict:
             "peak_memory_mb": round(peak_memory_mb(torch.device("cpu")), 1), "test_accuracy": test["accuracy"],
             "test_macro_f1": test["macro_f1"], "steps": None, "lr": None, "batch_size": None, "C": best.C}
 
+# --- LoRA's hypothesis (Hu et al. §7), measured on this run: is the update a task needs of low rank? ---------------
+RANKS = (1, 2, 4, 6, 16, 64)  # top-r directions whose share of the update's energy the report gives
+
+@jaxtyped(typechecker=beartype)
+def energy_share(update: Float[Tensor, "d_out d_in"], ranks: tuple[int, ...]) -> list[float]:
+    """Share of ||dW||_F^2 held by dW's top r singular directions, for each r (1.0 once r >= rank dW)."""
+    energy = torch.linalg.svdvals(update.double()).square()
+    return [float(energy[:r].sum() / energy.sum()) for r in ranks]
+
+@jaxtyped(typechecker=beartype)
+def subspace_similarity(u: Float[Tensor, "d i"], v: Float[Tensor, "d j"]) -> float:
+    """phi = ||U^T V||_F^2 / min(i, j) of two orthonormal bases (§7.2): 1 when one span holds the other, 0 orthogonal;
+    random subspaces give about max(i, j) / d."""
+    return float((u.double().T @ v.double()).square().sum() / min(u.shape[1], v.shape[1]))
+
+@jaxtyped(typechecker=beartype)
+def amplification(update: Float[Tensor, "d_out d_in"], w0: Float[Tensor, "d_out d_in"], r: int) -> float:
+    """||dW||_F / ||U_r^T W0 V_r||_F with U_r, V_r dW's top-r singular vectors (§7.3): above 1 when the update
+    amplifies directions along which W0 itself is small."""
+    u, _, vh = torch.linalg.svd(update.double())
+    return float(update.double().norm() / (u[:, :r].T @ w0.double() @ vh[:r].T).norm())
+
+def hypothesis(root: Path, where: str) -> dict:
+    """Per adapted matrix X: the energy of full fine-tuning's dW = W_full - W0 in its top r directions, phi between
+    the lora run's update s B@A and full's top-r directions (r = lora's rank), and both updates' amplification."""
+    (_, w0), (full, _) = hf_lora.load_bert(where), load_tensors(root / "runs/full/model.safetensors")
+    adapters, cfg = hf_lora.adapters_from_peft(root / "runs/lora/adapter")
+    measures = {}
+    for x in sorted({k.rpartition(".")[0] for k in adapters if ".lora_" in k}):
+        base, lora_update = w0[f"{x}.weight"], lora.delta(adapters[f"{x}.lora_A"], adapters[f"{x}.lora_B"], cfg.scale)
+        full_update = full[f"{x}.weight"].double() - base.double()
+        top = [torch.linalg.svd(d.double())[0][:, : cfg.r] for d in (full_update, lora_update)]
+        ranks = tuple(sorted({*RANKS, cfg.r}))
+        measures[x] = {"energy_share": dict(zip(map(str, ranks), energy_share(full_update, ranks))),
+                       "phi_lora_full": subspace_similarity(*top), "phi_random": cfg.r / base.shape[0],
+                       "amplification_full": amplification(full_update, base, cfg.r),
+                       "amplification_lora": amplification(lora_update, base, cfg.r)}
+    return measures
+
+def plot_hypothesis(path: Path, measures: dict, r: int) -> None:
+    """Left: energy share of full's dW against r, per module kind (mean over layers). Right: phi per kind."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    kinds = sorted({x.split(".", 2)[2] for x in measures})  # layers.0.attn.q -> attn.q
+    def mean(kind: str, value) -> float:
+        values = [value(m) for x, m in measures.items() if x.endswith("." + kind)]
+        return sum(values) / len(values)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for kind in kinds:
+        left.plot(RANKS, [mean(kind, lambda m: m["energy_share"][str(k)]) for k in RANKS], marker="o", label=kind)
+    left.axvline(r, color="gray", linestyle=":", label=f"LoRA's r = {r}")
+    left.set(xscale="log", xticks=RANKS, xticklabels=RANKS, xlabel="top-r singular directions of full fine-tuning's "
+             "dW", ylabel="share of ||dW||_F^2 (mean over layers)", title="Is full fine-tuning's update low-rank?")
+    left.legend()
+    right.bar(kinds, [mean(kind, lambda m: m["phi_lora_full"]) for kind in kinds], label="LoRA vs full")
+    right.bar(kinds, [mean(kind, lambda m: m["phi_random"]) for kind in kinds], label="random subspaces", alpha=0.6)
+    right.set(ylim=(0, 1), ylabel=f"phi, top {r} directions", title="Does LoRA find full fine-tuning's directions?")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
 # --- Report: one table, curves, files ------------------------------------------------------------------------------
 def plot(path: Path, series: dict, ylabel: str, title: str, smooth: int = 1) -> None:
     """Lines {label: losses} against the optimiser step, each a moving average over up to `smooth` steps."""
@@ -817,6 +882,16 @@ def write_report(ctx: Ctx, plan: dict, data: Dataset, results: dict, rows: list[
                      f"{gap['test_accuracy_diff']:.2e}")
         plots["lora_vs_peft.png"] = ({"ours: nanollm + lora.py": a["losses"], "PEFT: transformers + peft": b["losses"]},
                                      "training loss per batch", "same base, adapter init, batches and optimiser", 1)
+    measures, r = {}, plan["lora_r"]
+    if "full" in results and "lora" in results:  # from the two runs' files, just written
+        measures = hypothesis(ctx.out.root, where)
+        mean = lambda f: sum(map(f, measures.values())) / len(measures)  # noqa: E731
+        lines.append(f"LoRA's hypothesis (Hu et al. §7; hypothesis.png; means over the {len(measures)} adapted "
+                     f"matrices): full fine-tuning's dW holds {mean(lambda m: m['energy_share'][str(r)]):.0%} of its "
+                     f"energy in its top {r} directions; phi(LoRA's update, full's top {r}) = "
+                     f"{mean(lambda m: m['phi_lora_full']):.2f} (random subspaces: "
+                     f"{mean(lambda m: m['phi_random']):.2f}); amplification factor LoRA {mean(lambda m: m['amplification_lora']):.1f}, full "
+                     f"{mean(lambda m: m['amplification_full']):.1f}")
     if where == str(ctx.out.root / "base"):
         pretrain = json.loads((ctx.out.root / "base" / "pretrain.json").read_text())["losses"]
         title = f"pretraining on People's Daily 1998 + the training texts of {Path(data.source).name}"
@@ -829,7 +904,7 @@ def write_report(ctx: Ctx, plan: dict, data: Dataset, results: dict, rows: list[
         f"| {r['run']} | {r['trainable_params']:,} | {r['trainable_share']:.2%} | {r['epochs'] or '-'} | "
         f"{r['train_seconds']:.0f} | {r['peak_memory_mb']:.0f} | {r['test_accuracy']:.2%} | {r['test_macro_f1']:.2%} |"
         for r in rows]
-    report = {"rows": rows, "lora_vs_peft": gap, "stages_seconds": stages, "machine": machine,
+    report = {"rows": rows, "lora_vs_peft": gap, "hypothesis": measures, "stages_seconds": stages, "machine": machine,
               "memory_method": memory, "data": data.notes, "majority_rate": count / n, "at_majority_rate": flat,
               "splits": {k: len(getattr(data, k)) for k in ("train", "val", "test")}, "label_names": data.label_names,
               "base": where, "plan": plan, "val": {k: r["val"] for k, r in results.items()},
@@ -838,6 +913,8 @@ def write_report(ctx: Ctx, plan: dict, data: Dataset, results: dict, rows: list[
     written_from = {"plan": plan}, " ".join(f"runs/{k}" for k in results)
     for name, spec in plots.items():
         ctx.out.write(name, lambda path: plot(path, *spec), *written_from)
+    if measures:
+        ctx.out.write("hypothesis.png", lambda path: plot_hypothesis(path, measures, r), *written_from)
     ctx.out.write("report.md", lambda path: path.write_text(markdown, encoding="utf-8"), *written_from)
     ctx.out.write("report.json", lambda path: write_json(path, report), *written_from)
     print("\n" + "\n".join(table + [""] + lines[4:]) + f"\nreport: {ctx.out.root / 'report.md'}")
