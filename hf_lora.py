@@ -94,7 +94,6 @@ def load_model(name_or_path: str | os.PathLike | None = None, num_labels: int = 
 def peft_config(cfg: lora.LoraConfig, modules_to_save: tuple[str, ...] = ("classifier",), task_type="SEQ_CLS"):
     """peft.LoraConfig with cfg's r, lora_alpha, lora_dropout, use_rslora and targets (ours or HF's)."""
     import peft
-
     hf = {ours.removeprefix("layers.{i}."): theirs.removeprefix("encoder.layer.{i}.") for ours, theirs, _ in RENAMES}
     targets = [hf.get(t, t) for t in cfg.target_modules]  # attn.q -> attention.self.query
     # PEFT matches a target as a name suffix, and "output.dense" (ffn.down) also ends "attention.output.dense"

@@ -4,7 +4,7 @@
   PiSSA   (Meng et al. 2024)      A, B from W0's top-r singular triplets, base the residual = init_lora_weights="pissa"
   AdaLoRA (Zhang et al. 2023)     P diag(lambda) Q pruned to a cubic rank budget = AdaLoraConfig + update_and_allocate
 Any dict of X.weight (d_out, d_in) tensors works (nanollm's, a HuggingFace state_dict); the encoder gets plain weights
-plus X.lora_A / X.lora_B (nanollm.project adds B(A x)), so it needs no hook. _t_variants.py proves each equal to
+plus X.lora_A / X.lora_B (nanollm.project adds B(A x)), so it needs no hook. test_all.py proves each equal to
 PEFT, and NF4 to bitsandbytes.   Run: python lora_variants.py  (NF4 codebook, bits per weight, error; counts)
 References: arXiv:2305.14314, 2402.09353, 2404.02948, 2303.10512; PEFT tuners/lora/{dora,layer}.py,
 tuners/adalora/{layer,model}.py; bitsandbytes functional.py, backends/default/ops.py. Dimensions as in nanollm.py.

