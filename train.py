@@ -7,6 +7,7 @@
     python train.py --runs lora,qlora,dora,pissa,adalora   # LoRA and its variants (lora_variants.py)
     python train.py --data reviews.csv --text-column review --label-column stars
     python train.py --model minilm        # the packaged MiniLM (a HuggingFace BERT) as the base, offline
+    python train.py --task sentiment,tagging   # + People's Daily's part of speech per character, on the same base
     torchrun --nproc_per_node=2 train.py --quick    # data parallel (gloo on CPU, NCCL on GPU)
 
 Rows: baseline (character 1-3-gram TF-IDF + a linear SVM, scikit-learn); scratch (the seed's encoder: Pre-LN,
@@ -231,7 +232,7 @@ def load_tagging(seed: int, max_lines: int | None = None) -> Dataset:
     return make_dataset(rows, names, seed, f"peoples-daily-tags/{max_lines}/seed{seed}", "People's Daily 1998 tags")
 
 # --- Tokens: character vocabularies, encoded splits, length-bucketed batches -------------------------------------
-Encoded = collections.namedtuple("Encoded", "ids lengths labels")  # (n, max_len) padded ids, (n,) lengths, (n,)
+Encoded = collections.namedtuple("Encoded", "ids lengths labels")  # ids (n, max_len), lengths (n,), labels (n,)
 
 def chars(text: str) -> str:
     """A text as the characters a char-level model reads: whitespace carries no meaning in Chinese text."""
