@@ -1846,9 +1846,9 @@ def quick(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def variants(quick, tmp_path_factory) -> Path:
-    """The quick run's base and lora, plus issue 15's four variants (--resume reuses what is finished)."""
+    """The quick run's base, lora and full, plus the variants (--resume reuses what is finished)."""
     out = copy_out(quick, tmp_path_factory.mktemp("variants") / "out")
-    assert run([*QUICK, "--runs", "lora,dora,qlora,pissa,adalora", "--out", out, "--resume"]) == 0
+    assert run([*QUICK, "--runs", "lora,full,dora,qlora,pissa,adalora,lora_wide", "--out", out, "--resume"]) == 0
     return out
 
 def copy_out(quick: Path, to: Path) -> Path:
@@ -2017,7 +2017,7 @@ def test_predict_tagging_prints_words_with_their_part_of_speech(two_tasks, capsy
 def test_variant_rows_report_what_each_variant_is_for(variants):
     report = json.loads((variants / "report.json").read_text())
     rows = {r["run"]: r for r in report["rows"]}
-    assert list(rows) == ["baseline", "lora", *train.VARIANTS]
+    assert list(rows) == ["baseline", "lora", "full", *train.VARIANTS]
     for name in ("lora", *train.VARIANTS):
         assert {"test_accuracy", "trainable_params", "steps", "lr", "base_bytes"} <= rows[name].keys(), name
         assert rows[name]["steps"] == rows["lora"]["steps"] and rows[name]["lr"] == rows["lora"]["lr"], name
@@ -2028,6 +2028,18 @@ def test_variant_rows_report_what_each_variant_is_for(variants):
     assert len(ranks) == targets * train.QUICK["base"]["n_layers"]
     assert sum(ranks.values()) == train.LORA_R * len(ranks) and len(set(ranks.values())) > 1
     assert (variants / "runs/adalora/ranks.png").is_file() and "final_ranks" not in rows["lora"]
+    adapters = rows["lora"]["total_params"] - rows["full"]["total_params"]  # r (d_in + d_out) summed
+    assert rows["lora_wide"]["trainable_params"] - rows["lora"]["trainable_params"] == (train.WIDE - 1) * adapters
+
+def test_lora_wide_gives_figure_3s_phi_between_the_two_ranks(variants):
+    measures = json.loads((variants / "report.json").read_text())["hypothesis"]
+    r, wide = train.LORA_R, train.WIDE * train.LORA_R
+    for x, m in measures.items():
+        grid = torch.tensor(m["phi_lora_wide"])
+        assert grid.shape == (r, wide) and ((grid >= -1e-12) & (grid <= 1 + 1e-12)).all(), x
+        for i in range(r):  # for j >= i, min(i, j) = i: a growing j can only add overlap
+            assert (grid[i, i:].diff() >= -1e-12).all(), x
+    assert "top i of LoRA r=6, top j of r=24" in (variants / "report.md").read_text()
 
 # --- resume and torchrun --------------------------------------------------------------------------------------------
 
@@ -2247,6 +2259,13 @@ def test_impossible_numbers_are_refused_by_argparse(flags, capsys):
     with pytest.raises(SystemExit) as stopped:
         run([*QUICK, *flags])
     assert stopped.value.code == 2 and flags[0] in capsys.readouterr().err.strip().splitlines()[-1]
+
+@pytest.mark.parametrize("flags", [["--task", "ner"], ["--task", "tagging", "--data", "d.csv"],
+                                   ["--task", "sentiment,tagging", "--model", "minilm"]])
+def test_tasks_the_run_cannot_do_are_refused_by_argparse(flags, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        run([*QUICK, *flags])
+    assert stopped.value.code == 2 and "--task" in capsys.readouterr().err.strip().splitlines()[-1]
 
 @pytest.mark.parametrize("where", ["under a file", "not writable"])
 def test_an_unusable_out_is_one_line(where, tmp_path, capsys):

@@ -15,7 +15,8 @@ sinusoids, mean-pooled head); then, on one base pretrained here (BERT's arrangem
 task on the pooled [CLS], over People's Daily 1998 + the unlabelled training texts; cached in OUT/base): lora (our
 LoRA: adapters, LayerNorms and classifier train, the pooler stays FROZEN), peft (transformers + PEFT, same init,
 batches and optimiser: equal to lora step by step, OUT/lora_vs_peft.png), head (classifier alone), full (all);
-on request qlora, dora, pissa and adalora, each trained as lora is.
+on request qlora, dora, pissa, adalora and lora_wide (rank 4r), each trained as lora is. With full and lora, the
+report measures LoRA's hypothesis (Hu et al. §7) on their updates: OUT/hypothesis.png.
 
 OUT/manifest.json lists every file train.py wrote (size, SHA-256, settings, origin); files are checked against it
 before they are read, nothing train.py did not write is deleted, a finished run is replaced only with --overwrite,
@@ -106,7 +107,8 @@ QUICK = dict(train=2000, eval=400, source_lines=3000, epochs=5, max_len=48,  # -
              pretrain=PRETRAIN | dict(steps=2000, batch_size=32, seq=48, lr=5e-3, bag=2.0))  # bag 2: a [CLS] quickly
 TASKS = ("sentiment", "tagging")  # --task: a review's polarity; each People's Daily character's part of speech
 RUNS = ("scratch", "lora", "peft", "head", "full")  # the default --runs, in the report's order
-VARIANTS = ("qlora", "dora", "pissa", "adalora")  # LoRA's variants (lora_variants.py): on request only
+VARIANTS = ("qlora", "dora", "pissa", "adalora", "lora_wide")  # LoRA's variants (lora_variants.py): on request
+WIDE = 4                 # lora_wide: rank 4 r, alpha kept (Hu et al. §4.1); the report compares subspaces (§7.2)
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4, as our exported vocab.txt lists them
 PAD, UNK, CLS, SEP, MASK = range(5)
 
@@ -643,7 +645,8 @@ ADAPTED = {"lora": (lambda f, c, g: (f, lora.init_lora(f, c, g)), lora.with_lora
            "pissa": (lambda f, c, g: lv.init_pissa(f, c), lora.with_lora),  # its frozen base is W0's residual
            "qlora": (lambda f, c, g: (lv.quantize_base(f), lora.init_lora(f, c, g)),  # lora's adapters, NF4 base
                      lambda f, a, c: lv.with_qlora(f, a, c, QLORA_COMPUTE)),
-           "adalora": (lambda f, c, g: (f, lv.init_adalora(f, c, g)), lv.with_adalora)}
+           "adalora": (lambda f, c, g: (f, lv.init_adalora(f, c, g)), lv.with_adalora),
+           "lora_wide": (lambda f, c, g: (f, lora.init_lora(f, c, g)), lora.with_lora)}  # rank WIDE * r
 LORA = ADAPTED["lora"]  # peft starts from lora's adapters; predict runs PEFT's files through lora's forward
 
 def adalora_config(cfg: lora.LoraConfig, steps: int) -> lv.AdaLoraConfig:
@@ -776,7 +779,8 @@ def run_all(ctx: Ctx, plan: dict, data: Dataset, runs: list[str], info: dict, st
     source = where if plan["model"] else sha256(Path(where) / "model.safetensors")[:16]  # what the runs came from
     for name in [r for r in runs if r != "scratch"]:
         began, adapted, (init, apply) = time.perf_counter(), name in ("peft", *ADAPTED), ADAPTED.get(name, LORA)
-        run_cfg = adalora_config(lora_cfg, plan["epochs"] * steps) if name == "adalora" else lora_cfg
+        run_cfg = (adalora_config(lora_cfg, plan["epochs"] * steps) if name == "adalora" else
+                   dataclasses.replace(lora_cfg, r=WIDE * lora_cfg.r) if name == "lora_wide" else lora_cfg)
         g = torch.Generator().manual_seed(derive_seed(ctx.seed, "lora"))
         base_, adapters = init(frozen, run_cfg, g) if adapted else (frozen, {})
         on_device = {k: v.to(ctx.device) for k, v in base_.items() if not adapted or k not in norms}
@@ -859,11 +863,13 @@ def amplification(update: Float[Tensor, "d_out d_in"], w0: Float[Tensor, "d_out 
     u, _, vh = torch.linalg.svd(update.double())
     return float(update.double().norm() / (u[:, :r].T @ w0.double() @ vh[:r].T).norm())
 
-def hypothesis(root: Path, where: str, task: str) -> dict:
+def hypothesis(root: Path, where: str, task: str, with_wide: bool = False) -> dict:
     """Per adapted matrix X: the energy of full fine-tuning's dW = W_full - W0 in its top r directions, phi between
     the lora run's update s B@A and full's top-r directions (r = lora's rank), and both updates' amplification."""
     (_, w0), (full, _) = hf_lora.load_bert(where), load_tensors(root / run_folder(task, "full") / "model.safetensors")
     adapters, cfg = hf_lora.adapters_from_peft(root / run_folder(task, "lora") / "adapter")
+    wide = root / run_folder(task, "lora_wide") / "model.safetensors"
+    wide = load_tensors(wide)[0] if with_wide else {}  # its A's top directions against lora's (Figure 3)
     measures = {}
     for x in sorted({k.rpartition(".")[0] for k in adapters if ".lora_" in k}):
         base, lora_update = w0[f"{x}.weight"], lora.delta(adapters[f"{x}.lora_A"], adapters[f"{x}.lora_B"], cfg.scale)
@@ -874,10 +880,15 @@ def hypothesis(root: Path, where: str, task: str) -> dict:
                        "phi_lora_full": subspace_similarity(*top), "phi_random": cfg.r / base.shape[0],
                        "amplification_full": amplification(full_update, base, cfg.r),
                        "amplification_lora": amplification(lora_update, base, cfg.r)}
+        if wide:  # phi(i, j) of the top i right-singular vectors of lora's A and the top j of lora_wide's A
+            a, b = (torch.linalg.svd(m[f"{x}.lora_A"].double(), full_matrices=False)[2].T for m in (adapters, wide))
+            measures[x]["phi_lora_wide"] = [[subspace_similarity(a[:, :i], b[:, :j]) for j in range(1, b.shape[1] + 1)]
+                                            for i in range(1, a.shape[1] + 1)]
     return measures
 
 def plot_hypothesis(path: Path, measures: dict, r: int) -> None:
-    """Left: energy share of full's dW against r, per module kind (mean over layers). Right: phi per kind."""
+    """Energy share of full's dW against r and phi(LoRA, full) per module kind (means over layers); with lora_wide,
+    phi(i, j) between the two LoRA ranks' top directions (the paper's Figure 3, mean over the matrices)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -885,7 +896,8 @@ def plot_hypothesis(path: Path, measures: dict, r: int) -> None:
     def mean(kind: str, value) -> float:
         values = [value(m) for x, m in measures.items() if x.endswith("." + kind)]
         return sum(values) / len(values)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    grids = [m["phi_lora_wide"] for m in measures.values() if "phi_lora_wide" in m]
+    fig, (left, right, *third) = plt.subplots(1, 3 if grids else 2, figsize=(16 if grids else 11, 4.5))
     for kind in kinds:
         left.plot(RANKS, [mean(kind, lambda m: m["energy_share"][str(k)]) for k in RANKS], marker="o", label=kind)
     left.axvline(r, color="gray", linestyle=":", label=f"LoRA's r = {r}")
@@ -896,6 +908,13 @@ def plot_hypothesis(path: Path, measures: dict, r: int) -> None:
     right.bar(kinds, [mean(kind, lambda m: m["phi_random"]) for kind in kinds], label="random subspaces", alpha=0.6)
     right.set(ylim=(0, 1), ylabel=f"phi, top {r} directions", title="Does LoRA find full fine-tuning's directions?")
     right.legend()
+    if grids:
+        grid = torch.tensor(grids).mean(0)  # (r, WIDE r)
+        image = third[0].imshow(grid.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower",
+                                extent=(0.5, grid.shape[1] + 0.5, 0.5, grid.shape[0] + 0.5))
+        third[0].set(xlabel=f"top j directions of LoRA r={grid.shape[1]}", ylabel=f"top i directions of LoRA r={r}",
+                     title="phi(i, j) between two LoRA ranks (Hu Fig. 3)")
+        fig.colorbar(image, ax=third[0])
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
@@ -950,7 +969,7 @@ def write_report(ctx: Ctx, plan: dict, tasks: dict, stages: dict, where) -> None
                                      "training loss per batch", "same base, adapter init, batches and optimiser", 1)
     measures, r = {}, plan["lora_r"]
     if "full" in results and "lora" in results:  # from the two runs' files, just written
-        measures = hypothesis(ctx.out.root, where, task)
+        measures = hypothesis(ctx.out.root, where, task, "lora_wide" in results)
         mean = lambda f: sum(map(f, measures.values())) / len(measures)  # noqa: E731
         lines.append(f"LoRA's hypothesis (Hu et al. §7; {task}; hypothesis.png; means over the {len(measures)} "
                      f"adapted matrices): full fine-tuning's dW holds {mean(lambda m: m['energy_share'][str(r)]):.0%} "
@@ -959,6 +978,10 @@ def write_report(ctx: Ctx, plan: dict, tasks: dict, stages: dict, where) -> None
                      f"{mean(lambda m: m['phi_random']):.2f}); amplification factor LoRA "
                      f"{mean(lambda m: m['amplification_lora']):.1f}, full "
                      f"{mean(lambda m: m['amplification_full']):.1f}")
+        if "lora_wide" in results:
+            phi = lambda i, j: mean(lambda m: m["phi_lora_wide"][i - 1][j - 1])  # noqa: E731
+            lines[-1] += (f"; phi(top i of LoRA r={r}, top j of r={WIDE * r}): i = j = 1 {phi(1, 1):.2f}, "
+                          f"i = {r}, j = {WIDE * r} {phi(r, WIDE * r):.2f}")
     if where == str(ctx.out.root / "base") and "base/pretrain.json" in ctx.out.files:
         pretrain = json.loads((ctx.out.root / "base" / "pretrain.json").read_text())["losses"]
         title = f"pretraining on People's Daily 1998 + the training texts of {Path(data.source).name}"
