@@ -1930,9 +1930,10 @@ def test_predict_reloads_models_and_reproduces_in_run_predictions(runs, request,
 
 @pytest.fixture(scope="session")
 def two_tasks(tmp_path_factory) -> Path:
-    """One quick run of both tasks on one base: lora, peft and full each (what the multi-task checks read)."""
+    """One quick run of both tasks on one (briefly pretrained) base: lora, peft and full each."""
     out = tmp_path_factory.mktemp("two_tasks") / "out"
-    assert run([*QUICK, "--task", "sentiment,tagging", "--runs", "lora,peft,full", "--out", out]) == 0
+    assert run([*QUICK, "--task", "sentiment,tagging", "--runs", "lora,peft,full", "--pretrain-steps", "600",
+                "--out", out]) == 0
     return out
 
 def test_tagging_labels_each_character_with_its_words_part_of_speech_and_position():
