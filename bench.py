@@ -471,18 +471,18 @@ def mixed_vs_per_adapter(cfg: nanollm.Config, rounds: int, warmup: int, n_tasks:
     def forward(params: Params, ids: Tensor, c: nanollm.Config = cfg) -> Tensor:
         return nanollm.classify(params, nanollm.encoder(params, ids, c))
 
-    stacked = [{k: v for k, v in lora.with_lora(base, a, SEED_LORA).items() if ".lora_" in k} | h for a, h in tasks]
+    unmerged = [lora.with_lora(base, a, SEED_LORA) | h for a, h in tasks]
+    stacked = [{k: v for k, v in params.items() if k not in base} for params in unmerged]  # adapters + head
     merged = [lora.merge(base, a, SEED_LORA) | h for a, h in tasks]
 
-    def per_adapter(weights: list[Params], unmerged: bool) -> Tensor:
+    def per_adapter(weights: list[Params]) -> Tensor:
         out = torch.empty(batch, 2)
-        for i, (a, h) in enumerate(tasks):
-            params = lora.with_lora(base, a, SEED_LORA) | h if unmerged else weights[i]
+        for i, params in enumerate(weights):
             out[rows == i] = forward(params, tokens[rows == i])
         return out
 
     fns = {"mixed": lambda: lora.mixed_batch(lambda p, ids: forward(p, ids, einsum_cfg), base, stacked, rows, tokens),
-           "unmerged": lambda: per_adapter([], True), "merged": lambda: per_adapter(merged, False)}
+           "unmerged": lambda: per_adapter(unmerged), "merged": lambda: per_adapter(merged)}
     with torch.no_grad():
         assert (fns["mixed"]() - fns["merged"]()).abs().max() < 1e-3  # the same logits, up to float32 rounding
         t = round_robin(fns, rounds, warmup)

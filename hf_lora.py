@@ -148,7 +148,7 @@ def save_as_peft(directory: str | os.PathLike, adapters: Params, cfg: lora.LoraC
     full = {k: v for k, v in renamed.items() if k not in pairs}
     wanted = {k.rpartition(".")[0] for k in full} | ({"classifier"} & set(dict(model.named_modules())))
     full = {k: v for k, v in state.items() if k.rpartition(".")[0] in wanted} | full
-    task = next((t for t in ("SEQ_CLS", "TOKEN_CLS") if type(model).__name__.endswith(TASKS[t])), None)
+    task = next((t for t, head in TASKS.items() if type(model).__name__.endswith(head)), None)
     peft_model = peft.get_peft_model(copy.deepcopy(model), peft_config(cfg, modules_to_save_names(model, wanted), task))
     result = peft.set_peft_model_state_dict(peft_model, {f"base_model.model.{k}.weight": v for k, v in pairs.items()}
                                             | {f"base_model.model.{k}": v for k, v in full.items()})

@@ -2515,3 +2515,8 @@ def test_bench_unchecked_switches_the_shape_checks_off():
     assert bench.unchecked(lambda: nanollm.linear(x, weight, bias))().shape == (2, 7, 20)  # torch broadcasts it
     with pytest.raises(TypeCheckError, match="d_out"):  # and back on afterwards
         nanollm.linear(x, weight, bias)
+
+def test_bench_mixed_batch_section_gives_the_per_adapter_logits():
+    # the section asserts that one mixed_batch call and one batch per adapter give the same logits before timing
+    lines = bench.mixed_vs_per_adapter(bench.QUICK, rounds=1, warmup=0)
+    assert len(lines) == 3 and "lora.mixed_batch" in lines[2]

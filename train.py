@@ -758,11 +758,13 @@ def run_classifier(ctx: Ctx, plan: dict, data: Dataset, splits: dict, name: str,
 def run_folder(task: str, name: str) -> str:
     return f"runs/{name}" if task == "sentiment" else f"runs/{task}/{name}"  # sentiment's runs where they always were
 
+def stage(task: str, name: str) -> str:
+    return name if task == "sentiment" else f"{task} {name}"  # a key of the report's wall times
+
 def run_all(ctx: Ctx, plan: dict, data: Dataset, runs: list[str], info: dict, stages: dict, where: str) -> dict:
     """Every row's model for one task: scratch on its own char vocabulary; lora (and variants), peft, head and full
     on one base, all from the same head and the same adapter init."""
     results, n_classes, per_token, task = {}, len(data.label_names), info["task"] == "tagging", info["task"]
-    stage = lambda name: name if task == "sentiment" else f"{task} {name}"  # noqa: E731
     if "scratch" in runs:
         began, vocab = time.perf_counter(), build_vocab([text for text, _ in data.train])  # the training split only
         cfg = nanollm.Config(vocab_size=len(vocab), max_len=plan["max_len"], **plan["scratch"])
@@ -773,7 +775,7 @@ def run_all(ctx: Ctx, plan: dict, data: Dataset, runs: list[str], info: dict, st
             ctx, plan, data, encode_splits(data, char_encoder(vocab, plan["max_len"])), "scratch", params,
             scratch_forward(cfg, per_token), sum(v.numel() for v in params.values()),
             lambda d, t: save_tensors(d / "model.safetensors", t, meta), None, info, {})
-        stages[stage("scratch")] = time.perf_counter() - began
+        stages[stage(task, "scratch")] = time.perf_counter() - began
     if not set(runs) - {"scratch"}:
         return results
     cfg, frozen, head, encode = load_base(where, plan["max_len"], plan["model"] is None, n_classes, ctx.seed)
@@ -814,7 +816,7 @@ def run_all(ctx: Ctx, plan: dict, data: Dataset, runs: list[str], info: dict, st
             save = lambda d, t: save_tensors(d / "model.safetensors", t)  # noqa: E731
         results[name] = run_classifier(ctx, plan, data, splits, name, trainable, forward, total, save, source, info,
                                        extra, run_cfg if name == "adalora" else None)
-        stages[stage(name)] = time.perf_counter() - began
+        stages[stage(task, name)] = time.perf_counter() - began
     return results
 
 def baseline(data: Dataset, task: str) -> dict:
@@ -1144,7 +1146,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--runs: unknown run(s) {unknown}; choose from {','.join(RUNS + VARIANTS)}")
     if unknown := sorted(set(args.task.split(",")) - set(TASKS)):
         p.error(f"--task: unknown task(s) {unknown}; choose from {','.join(TASKS)}")
-    if "tagging" in args.task and (args.data or args.model):
+    if "tagging" in args.task.split(",") and (args.data or args.model):
         p.error("--task tagging reads People's Daily with our character base; it takes neither --data nor --model")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device; use --device cpu or auto")
@@ -1165,11 +1167,11 @@ def make_plan(args: argparse.Namespace) -> dict:
             "subsample": [QUICK["train"], QUICK["eval"]] if args.quick else None,
             "source_lines": quick.get("source_lines")}
 
-def load_task(args: argparse.Namespace, plan: dict, task: str) -> Dataset:
+def load_task(args: argparse.Namespace, plan: dict, task: str, tagging: Dataset | None) -> Dataset:
     """The task's splits: tagging's sentences as pieces that fit max_len; --quick keeps a subset of each split."""
     if task == "tagging":
-        data = load_tagging(args.seed, plan["source_lines"])
-        data = data._replace(**{k: chunks(getattr(data, k), plan["max_len"] - 2) for k in ("train", "val", "test")})
+        pieces = {k: chunks(getattr(tagging, k), plan["max_len"] - 2) for k in ("train", "val", "test")}
+        data = tagging._replace(**pieces)
     else:  # data errors stop the run before anything is written
         data = (load_reviews(args.seed) if args.data is None else
                 load_user_data(args.data, args.text_column, args.label_column, args.seed))
@@ -1194,8 +1196,8 @@ def save_adapters(ctx: Ctx, plan: dict, where: str, tasks: list[str]) -> None:
 
 def train(args: argparse.Namespace) -> int:
     started, plan, task_names = time.perf_counter(), make_plan(args), list(dict.fromkeys(args.task.split(",")))
-    datasets = {task: load_task(args, plan, task) for task in task_names}
-    tagging = load_tagging(args.seed, plan["source_lines"]) if "tagging" in datasets else None  # held out sentences
+    tagging = load_tagging(args.seed, plan["source_lines"]) if "tagging" in task_names else None  # whole sentences
+    datasets = {task: load_task(args, plan, task, tagging) for task in task_names}
     data = datasets[task_names[0]]  # the base pretrains on its training texts
     runs = [r for r in RUNS + VARIANTS if r in args.runs.split(",")]
     where = None if plan["model"] == "minilm" else plan["model"]  # None: the packaged MiniLM
@@ -1235,7 +1237,7 @@ def train(args: argparse.Namespace) -> int:
             results = run_all(ctx, plan, d, runs, info, stages, where)
             if rank == 0:
                 began, row = time.perf_counter(), baseline(d, task)
-                stages["baseline" if task == "sentiment" else f"{task} baseline"] = time.perf_counter() - began
+                stages[stage(task, "baseline")] = time.perf_counter() - began
                 tasks[task] = (d, results, [row] + [r["row"] for r in results.values()])
         if rank == 0:
             if len(datasets) > 1 and "lora" in runs:
