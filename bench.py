@@ -25,6 +25,7 @@ in the same run, never asserted.
 
 import argparse
 import dataclasses
+import logging
 import math
 import multiprocessing
 import statistics
@@ -510,6 +511,7 @@ def main() -> None:
     rounds, warmup = args.rounds or (3 if args.quick else 9), 1 if args.quick else 3
     if args.threads:
         torch.set_num_threads(args.threads)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # PEFT imports it; an optional kernel, not fetched
     jaxtyping.config.update("jaxtyping_disable", False)  # "checks on" means on, whatever JAXTYPING_DISABLE says
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {'quick ' if args.quick else ''}config {cfg}")
     print(f"timings: medians of {rounds} round-robin rounds after {warmup} warm-up rounds (each variant runs once "

@@ -14,11 +14,13 @@ import contextlib
 import copy
 import dataclasses
 import importlib.util
+import logging
 import os
 import pathlib
 import re
 import shutil
 import tempfile
+import warnings
 
 import torch
 
@@ -48,8 +50,7 @@ RENAMES = (
 )
 
 def _rename(name: str, src: int) -> str:
-    """A name from column src of RENAMES (0 ours, 1 HF) to the other. The whole module name must match, so
-    encoder.layer.0.output.dense is never taken for encoder.layer.0.attention.output.dense."""
+    """A name from RENAMES' column src (0 ours, 1 HF) to the other; whole names: output.dense is not attention.*"""
     for row in RENAMES:
         match = re.fullmatch(re.escape(row[src]).replace(r"\{i\}", r"(?P<i>\d+)") + r"(?P<rest>\..+)?", name)
         if match:
@@ -83,7 +84,6 @@ def load_model(name_or_path: str | os.PathLike | None = None, num_labels: int = 
     """(sequence- or, per_token, token-classification model in eval mode, tokenizer), default the packaged MiniLM.
     A bare encoder such as MiniLM gets a new, untrained classifier drawn from torch's global RNG."""
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
-
     if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
         raise ValueError(f"num_labels={num_labels!r}: a classifier needs an integer >= 2 classes")
     tokenizer = _from_pretrained(AutoTokenizer, name_or_path)
@@ -152,8 +152,7 @@ def save_as_peft(directory: str | os.PathLike, adapters: Params, cfg: lora.LoraC
     peft_model = peft.get_peft_model(copy.deepcopy(model), peft_config(cfg, modules_to_save_names(model, wanted), task))
     result = peft.set_peft_model_state_dict(peft_model, {f"base_model.model.{k}.weight": v for k, v in pairs.items()}
                                             | {f"base_model.model.{k}": v for k, v in full.items()})
-    missing = [k for k in result.missing_keys if ".lora_" in k]
-    if missing or result.unexpected_keys:
+    if (missing := [k for k in result.missing_keys if ".lora_" in k]) or result.unexpected_keys:
         raise ValueError(f"target_modules {cfg.target_modules} and the adapters disagree ({missing[:1]} has no "
                          f"adapter, {result.unexpected_keys[:1]} no target); save with the adapters' own LoraConfig")
     with _atomic_directory(directory, ("adapter_config.json", "adapter_model.safetensors", "README.md")) as tmp:
@@ -189,7 +188,6 @@ def export_bert(directory: str | os.PathLike, cfg: nanollm.Config, params: Param
     """A HuggingFace BERT directory (config, safetensors, tokenizer for `vocab` in id order) that AutoModel loads
     as nanollm.encoder; with pooler.* and classifier.*, a BertForSequenceClassification = nanollm.bert_classify."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
-
     if not (cfg.bert_embeddings and cfg.activation == "gelu" and not cfg.norm_first):
         raise ValueError("export_bert needs BERT's arrangement (Config.bert: learned positions, GELU, Post-LN)")
     special = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t not in vocab]
@@ -257,4 +255,6 @@ def _demo() -> None:
 if __name__ == "__main__":
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     os.environ.update(TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1")  # the demo explains the head
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # PEFT imports it; an optional kernel it cannot fetch
+    warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)  # PEFT's, not ours
     _demo()

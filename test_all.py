@@ -2090,6 +2090,8 @@ def test_torchrun_two_ranks_equal_one_process_and_one_process_resumes_it(quick, 
                           cwd=Path(train.__file__).parent, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("| run | trainable params") == 1, "only rank 0 reports"
+    noise = [line for line in done.stderr.splitlines() if "Warning" in line or "Failed to load" in line]
+    assert not noise, f"libraries' warnings reach the user's console: {noise}"
     for weights in ("lora/adapter/adapter_model.safetensors", "head/head.safetensors"):
         a, b = (load_file(d / "runs" / weights) for d in (one, two))
         assert a.keys() == b.keys()

@@ -34,6 +34,7 @@ import fcntl
 import hashlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import random
@@ -41,6 +42,7 @@ import resource
 import shutil
 import sys
 import time
+import warnings
 import zlib
 from pathlib import Path
 
@@ -1252,9 +1254,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from transformers.utils import logging  # its per-load reports would bury this script's own lines
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
+    from transformers.utils import logging as hf_logging  # its per-load reports would bury this script's own lines
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # an optional CPU kernel it cannot fetch offline
+    warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)  # PEFT's, not ours
     try:
         return predict(args) if args.command == "predict" else train(args)
     except (DataError, Stopped) as e:
