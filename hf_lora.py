@@ -50,7 +50,7 @@ RENAMES = (
 )
 
 def _rename(name: str, src: int) -> str:
-    """A name from RENAMES' column src (0 ours, 1 HF) to the other; whole names: output.dense is not attention.*"""
+    """RENAMES' column src (0 ours, 1 HF) to the other; whole names only (output.dense is not attention.output.dense)"""
     for row in RENAMES:
         match = re.fullmatch(re.escape(row[src]).replace(r"\{i\}", r"(?P<i>\d+)") + r"(?P<rest>\..+)?", name)
         if match:
