@@ -2079,16 +2079,33 @@ def test_resume_after_interrupt_ends_bit_identical_to_an_uninterrupted_run(quick
         assert a["row"]["test_accuracy"] == b["row"]["test_accuracy"] and a["val"] == b["val"], name
         assert a["losses"] == pytest.approx(b["losses"], rel=1e-6), name
 
+# Gloo runs collectives on native threads, and one alive at the interpreter's exit aborts it (SIGABRT) now and then:
+# each rank checks that destroy_process_group ended them, so a process group kept alive fails every run, not 1 in 60.
+RANK_MAIN = """import os, sys
+sys.path.insert(0, os.getcwd())  # train.py's folder, where the ranks start
+import train
+code = train.main(sys.argv[1:])
+tasks = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []  # Linux names its threads there
+left = [name for t in tasks if "gloo" in (name := open(f"/proc/self/task/{t}/comm").read().strip())]
+sys.exit(f"threads outlive destroy_process_group: {left}" if left else code)
+"""
+
+def torchrun(argv: list, tmp_path: Path) -> subprocess.CompletedProcess:
+    """train.py's main on two ranks of one machine, as torchrun starts it; fails unless both end cleanly."""
+    (script := tmp_path / "rank_main.py").write_text(RANK_MAIN)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), *map(str, argv)], cwd=Path(train.__file__).parent,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
 def test_torchrun_two_ranks_equal_one_process_and_one_process_resumes_it(quick, tmp_path, capsys):
     # lora and head have no dropout, so the two layouts draw no random numbers that could differ
     args = [*QUICK, "--runs", "lora,head", "--epochs", "1", "--overwrite"]
     one, two = copy_out(quick, tmp_path / "one"), copy_out(quick, tmp_path / "two")
     assert run([*args, "--out", one]) == 0
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "train.py", *map(str, args), "--out", str(two)],
-                          cwd=Path(train.__file__).parent, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = torchrun([*args, "--out", two], tmp_path)
     assert done.stdout.count("| run | trainable params") == 1, "only rank 0 reports"
     noise = [line for line in done.stderr.splitlines() if "Warning" in line or "Failed to load" in line]
     assert not noise, f"libraries' warnings reach the user's console: {noise}"
@@ -2111,10 +2128,7 @@ def test_torchrun_tagging_weighs_each_ranks_shard_by_its_tagged_characters(two_t
     args = [*QUICK, "--task", "sentiment,tagging", "--runs", "head", "--epochs", "1", "--pretrain-steps", "600"]
     one, two = copy_out(two_tasks, tmp_path / "one"), copy_out(two_tasks, tmp_path / "two")
     assert run([*args, "--out", one]) == 0
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "train.py", *map(str, args), "--out", str(two)], cwd=Path(train.__file__).parent,
-                          env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun([*args, "--out", two], tmp_path)
     a, b = (json.loads((d / "runs/tagging/head/result.json").read_text()) for d in (one, two))
     assert a["losses"] == pytest.approx(b["losses"], abs=1e-5)
     assert a["row"]["test_accuracy"] == b["row"]["test_accuracy"]

@@ -1208,6 +1208,10 @@ def train(args: argparse.Namespace) -> int:
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world > 1:
+        # torch.distributed.nn's functions take group=WORLD as a default, bound at import. transformers imports it
+        # (through torch.distributed.fsdp) when it first loads a model: after init, those defaults would keep the
+        # group and its gloo threads alive past destroy_process_group, and exit could abort on them (SIGABRT).
+        importlib.import_module("torch.distributed.nn")
         if device.type == "cuda":
             torch.cuda.set_device(device := torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
