@@ -833,8 +833,8 @@ def baseline(data: Dataset, task: str) -> dict:
         commonest = sum(counts.values(), collections.Counter()).most_common(1)[0][0]
         lookup = {ch: c.most_common(1)[0][0] for ch, c in counts.items()}
         labels = torch.tensor([tag for _, tags in data.test for tag in tags])
-        predicted, n, extra = torch.tensor([lookup.get(ch, commonest) for text, _ in data.test for ch in text]), len(
-            lookup), {}
+        predicted = torch.tensor([lookup.get(ch, commonest) for text, _ in data.test for ch in text])
+        n, extra = len(lookup), {}
     else:
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.svm import LinearSVC
@@ -877,14 +877,12 @@ def hypothesis(root: Path, where: str, task: str, with_wide: bool = False) -> di
     the lora run's update s B@A and full's top-r directions (r = lora's rank), and both updates' amplification."""
     (_, w0), (full, _) = hf_lora.load_bert(where), load_tensors(root / run_folder(task, "full") / "model.safetensors")
     adapters, cfg = hf_lora.adapters_from_peft(root / run_folder(task, "lora") / "adapter")
-    wide = root / run_folder(task, "lora_wide") / "model.safetensors"
-    wide = load_tensors(wide)[0] if with_wide else {}  # its A's top directions against lora's (Figure 3)
-    measures = {}
+    wide = load_tensors(root / run_folder(task, "lora_wide") / "model.safetensors")[0] if with_wide else {}
+    measures, ranks = {}, tuple(sorted({*RANKS, cfg.r}))
     for x in sorted({k.rpartition(".")[0] for k in adapters if ".lora_" in k}):
         base, lora_update = w0[f"{x}.weight"], lora.delta(adapters[f"{x}.lora_A"], adapters[f"{x}.lora_B"], cfg.scale)
         full_update = full[f"{x}.weight"].double() - base.double()
         top = [torch.linalg.svd(d.double())[0][:, : cfg.r] for d in (full_update, lora_update)]
-        ranks = tuple(sorted({*RANKS, cfg.r}))
         measures[x] = {"energy_share": dict(zip(map(str, ranks), energy_share(full_update, ranks))),
                        "phi_lora_full": subspace_similarity(*top), "phi_random": cfg.r / base.shape[0],
                        "amplification_full": amplification(full_update, base, cfg.r),
@@ -958,11 +956,12 @@ def write_report(ctx: Ctx, plan: dict, tasks: dict, stages: dict, where) -> None
                f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, world size {ctx.world}")
     memory = ("CUDA max_memory_allocated during the run" if ctx.device.type == "cuda" else "the process's peak "
               "resident set (ru_maxrss) at the row's end, earlier stages included; bench.py measures each run alone")
-    lines = [f"{t}: {d.notes}; train {len(d.train):,} / validation {len(d.val):,} / test {len(d.test):,}; "
-             f"{len(d.label_names)} classes{'' if len(d.label_names) > 10 else f' {d.label_names}'}"
-             for t, (d, _, _) in tasks.items()]
-    lines += [f"base of lora/peft/head/full: {where or 'the packaged MiniLM-L6'}", f"machine: {machine}",
-              f"peak memory: {memory}"]
+    setting = [f"{t}: {d.notes}; train {len(d.train):,} / validation {len(d.val):,} / test {len(d.test):,}; "
+               f"{len(d.label_names)} classes{'' if len(d.label_names) > 10 else f' {d.label_names}'}"
+               for t, (d, _, _) in tasks.items()] + [
+        f"base of lora/peft/head/full: {where or 'the packaged MiniLM-L6'}", f"machine: {machine}",
+        f"peak memory: {memory}"]
+    lines = []  # the findings: report.md lists them after the setting, the console after the tables
     plots = {"curves.png": ({f"{t} {k}" if multi else k: r["losses"] for t, (_, rs, _) in tasks.items()
                              for k, r in rs.items()}, "training loss (moving average)", "training", 25)}
     a, b, gap = results.get("lora"), results.get("peft"), None
@@ -1015,7 +1014,8 @@ def write_report(ctx: Ctx, plan: dict, tasks: dict, stages: dict, where) -> None
     lines += ["wall time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items())]
     report |= report["tasks"][task] | {"lora_vs_peft": gap, "hypothesis": measures, "stages_seconds": stages,
                                        "machine": machine, "memory_method": memory, "base": where, "plan": plan}
-    markdown = "\n".join(["# nanollm: training report", ""] + [f"- {line}" for line in lines] + ["", *tables])
+    markdown = "\n".join(["# nanollm: training report", ""] + [f"- {line}" for line in setting + lines] +
+                         ["", *tables])
     written_from = {"plan": plan}, " ".join(run_folder(t, k) for t, (_, rs, _) in tasks.items() for k in rs)
     for name, spec in plots.items():
         ctx.out.write(name, lambda path: plot(path, *spec), *written_from)
@@ -1023,12 +1023,13 @@ def write_report(ctx: Ctx, plan: dict, tasks: dict, stages: dict, where) -> None
         ctx.out.write("hypothesis.png", lambda path: plot_hypothesis(path, measures, r), *written_from)
     ctx.out.write("report.md", lambda path: path.write_text(markdown, encoding="utf-8"), *written_from)
     ctx.out.write("report.json", lambda path: write_json(path, report), *written_from)
-    print("\n" + "\n".join(tables + lines[len(tasks) + 3:]) + f"\nreport: {ctx.out.root / 'report.md'}")
+    print("\n" + "\n".join(tables + lines) + f"\nreport: {ctx.out.root / 'report.md'}")
 
 # --- predict: reload every finished run from OUT, each file checked against the manifest -------------------------
 def load_run(out: Out, name: str, task: str):
     """(forward, trained tensors, text encoder) of a finished run, from its files alone."""
-    folder, per_token = out.root / run_folder(task, name), task == "tagging"
+    rel, per_token = run_folder(task, name), task == "tagging"
+    folder = out.root / rel
     if name == "scratch":
         params, meta = load_tensors(folder / "model.safetensors")
         cfg, encode = nanollm.Config(**meta["config"]), char_encoder(meta["vocab"], meta["max_len"])
@@ -1036,8 +1037,8 @@ def load_run(out: Out, name: str, task: str):
     info = json.loads((folder / "result.json").read_text())["info"]
     where = str(out.root / "base") if info["base_is_ours"] else info["base"]
     if info["base_is_ours"] and (problem := out.problem("base") or (  # intact, and the base this run was trained on
-            sha256(out.root / "base/model.safetensors")[:16] != out.files[f"{run_folder(task, name)}/result.json"][
-                "from"] and f"{folder}: trained on another base than {where} holds")):
+            sha256(out.root / "base/model.safetensors")[:16] != out.files[f"{rel}/result.json"]["from"]
+            and f"{folder}: trained on another base than {where} holds")):
         raise DataError(f"{problem}; retrain with python train.py --resume --out {out.root}")
     cfg, frozen, _, encode = load_base(where, info["max_len"], info["base_is_ours"], len(info["label_names"]),
                                        info["seed"])
@@ -1074,8 +1075,8 @@ def predict(args: argparse.Namespace) -> int:
         if not probs:
             raise DataError(f"{out.root}: no finished {task} runs to load; train first with python train.py --task "
                             f"{task} --out {args.out}")
-        labels = json.loads((out.root / run_folder(task, next(iter(probs))) / "result.json").read_text())["info"][
-            "label_names"]
+        result = json.loads((out.root / run_folder(task, next(iter(probs))) / "result.json").read_text())
+        labels = result["info"]["label_names"]
         if args.json:
             print(json.dumps({"task": task, "texts": texts, "label_names": labels,
                               "probs": {k: p.tolist() for k, p in probs.items()}}, ensure_ascii=False))
