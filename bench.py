@@ -17,6 +17,9 @@ Sections:
    own count, multiply-adds of the orders B(Ax) and (BA)x, and their measured times.
 4. One frozen base, many tasks: inference on a 16x128 batch whose rows use 4 different adapters (+ heads), as one
    lora.mixed_batch call against one batch per adapter (unmerged, and merged into a copy of the base).
+5. Precision: train.py's pretraining step (its base and recipe) and its lora fine-tuning step, in fp32 and under
+   bf16 autocast, on this CPU and again in a child process that oneDNN, ATen and MKL restrict to AVX2 (AVX2_ENV):
+   what bf16 costs where the CPU has no native bf16, and what train.py's --precision auto picks on each.
 
 Timings are medians over round-robin rounds: every variant runs once per round, so a noisy neighbour slows all of
 them alike; a ratio is the median of the per-round ratios. A target is printed as a ratio against a peer measured
@@ -28,7 +31,10 @@ import dataclasses
 import logging
 import math
 import multiprocessing
+import os
 import statistics
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -496,6 +502,77 @@ def mixed_vs_per_adapter(cfg: nanollm.Config, rounds: int, warmup: int, n_tasks:
     ]
 
 
+# --- 5) Precision: bf16 autocast against fp32 on this CPU, and on AVX2 alone -------------------------------------
+AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def precision_steps(quick: bool) -> dict[str, Callable[[], None]]:
+    """One optimiser step of train.py's pretraining and of its lora run, each in fp32 and in bf16 autocast (the
+    pretraining under bf16 with Eq. 1 written out, as train.py runs it); random ids of a 5,000-character vocab."""
+    import train
+
+    vocab, gen = 5000, torch.Generator().manual_seed(5)
+    recipe = train.QUICK["pretrain"] if quick else train.PRETRAIN
+    cfg = nanollm.Config.bert(vocab, max_len=recipe["seq"], **(train.QUICK["base"] if quick else train.BASE))
+    ids = torch.randint(len(train.SPECIALS), vocab, (recipe["batch_size"], recipe["seq"]), generator=gen)
+    ids[:, 0] = train.CLS
+    rows = torch.arange(len(ids))
+    lcfg = lora.LoraConfig(train.LORA_R, train.LORA_ALPHA_PER_R * train.LORA_R, train.LORA_TARGETS)
+    base = nanollm.init_params(cfg, gen) | nanollm.init_bert_head(cfg, 2, gen)
+    text, labels = ids[: train.BATCH_SIZE], torch.randint(0, 2, (train.BATCH_SIZE,), generator=gen)
+
+    def step(params: Params, loss_fn: Callable[[Params], Tensor], bf16: bool) -> Callable[[], None]:
+        params = {k: v.clone().requires_grad_() for k, v in params.items()}
+        opt = torch.optim.AdamW(params.values(), lr=1e-4, fused=True)
+
+        def run() -> None:
+            opt.zero_grad()
+            with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                loss = loss_fn(params)
+            loss.backward()
+            opt.step()
+
+        return run
+
+    def pretrain(bf16: bool) -> Callable[[], None]:
+        c = dataclasses.replace(cfg, attention="einsum") if bf16 else cfg
+        loss_fn, _ = train.pretraining_loss(c, ids, rows, recipe, torch.device("cpu"))
+        heads = train.init_pretraining_heads(cfg, gen)
+        return step(nanollm.init_params(cfg, gen) | heads, lambda p: loss_fn(p, rows, torch.Generator()), bf16)
+
+    def finetune(bf16: bool) -> Callable[[], None]:
+        def loss_fn(adapters: Params) -> Tensor:
+            params = lora.with_lora(base, adapters, lcfg)
+            hidden = nanollm.encoder(params, text, cfg)
+            return F.cross_entropy(nanollm.bert_classify(params, hidden).float(), labels)
+
+        return step(lora.init_lora(base, lcfg, gen), loss_fn, bf16)
+
+    return {f"{kind} {p}": make(p == "bf16") for kind, make in (("pretrain", pretrain), ("finetune", finetune))
+            for p in ("fp32", "bf16")}
+
+
+def precision(quick: bool, rounds: int, warmup: int) -> list[str]:
+    """Section 5's lines for this CPU, then for this CPU restricted to AVX2 (a child process: the variables must be
+    set before torch loads)."""
+    import train
+
+    capability, native = torch.backends.cpu.get_cpu_capability(), train.native_bf16(torch.device("cpu"))
+    t = round_robin(precision_steps(quick), rounds, warmup)
+    lines = [f"5) precision on this CPU: capability {capability}, native bf16 {native}, {torch.get_num_threads()} "
+             f"threads; train.py --precision auto picks {train.choose_precision('auto', torch.device('cpu'))[0]}"]
+    for kind in ("pretrain", "finetune"):
+        fp32, bf16 = t[f"{kind} fp32"], t[f"{kind} bf16"]
+        lines.append(f"  {kind} step   fp32 {ms(fp32):8.1f} ms   bf16 autocast {ms(bf16):8.1f} ms   bf16 / fp32 "
+                     f"{ratio(bf16, fp32):.2f}x")
+    if capability != "AVX2" and not os.environ.get("ATEN_CPU_CAPABILITY"):
+        child = [sys.executable, __file__, "--only", "5", "--rounds", str(rounds)] + ["--quick"] * quick
+        result = subprocess.run(child, env=os.environ | AVX2_ENV, capture_output=True, text=True, check=True)
+        lines += ["  the same, restricted to AVX2 (" + " ".join(f"{k}={v}" for k, v in AVX2_ENV.items()) + "):"]
+        lines += [line for line in result.stdout.splitlines() if line.startswith(("5)", "  "))]
+    return lines
+
+
 # --- Main -------------------------------------------------------------------------------------------------------
 
 
@@ -504,8 +581,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny config and few rounds: checks that it all runs")
     parser.add_argument("--rounds", type=int, default=None, help="timed round-robin rounds (default 9, quick 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--only", type=int, choices=(1, 2, 3, 4),
-                        help="one section: 1 encoder speed, 2 LoRA vs full, 3 LoRA analysis, 4 mixed batches")
+    parser.add_argument("--only", type=int, choices=(1, 2, 3, 4, 5), help="one section: 1 encoder speed, 2 LoRA "
+                        "vs full, 3 LoRA analysis, 4 mixed batches, 5 precision")
     args = parser.parse_args()
     cfg = QUICK if args.quick else nanollm.Config()
     rounds, warmup = args.rounds or (3 if args.quick else 9), 1 if args.quick else 3
@@ -517,7 +594,8 @@ def main() -> None:
     print(f"timings: medians of {rounds} round-robin rounds after {warmup} warm-up rounds (each variant runs once "
           f"a round);\nratios: the median of the per-round ratios\n")
     sections = {1: lambda: encoder_speed(cfg, rounds, warmup), 2: lambda: lora_vs_full(cfg, rounds, warmup),
-                3: lambda: analysis(args.quick), 4: lambda: mixed_vs_per_adapter(cfg, rounds, warmup)}
+                3: lambda: analysis(args.quick), 4: lambda: mixed_vs_per_adapter(cfg, rounds, warmup),
+                5: lambda: precision(args.quick, min(rounds, 3), 1)}  # emulated bf16 steps take seconds each
     for number, section in sections.items():
         if args.only in (None, number):
             print("\n".join(section()), end="\n\n", flush=True)

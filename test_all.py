@@ -1926,6 +1926,48 @@ def test_predict_reloads_models_and_reproduces_in_run_predictions(runs, request,
         torch.testing.assert_close(torch.tensor(printed["probs"][name]),
                                    torch.tensor(report["predictions"][name]["probs"]), rtol=0, atol=1e-5, msg=name)
 
+def test_macro_f1_equals_scikit_learns_with_absent_classes():
+    from sklearn.metrics import f1_score
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 5, (41,), generator=gen)  # 7 classes, of which 5 and 6 never occur
+    predicted = torch.where(torch.rand(41, generator=gen) < 0.6, labels, torch.randint(0, 5, (41,), generator=gen))
+    predicted[0] = 4 if labels[0] != 4 else 3
+    ours = train.metrics(train.class_counts(labels, predicted, 7), 0.0)["macro_f1"]
+    assert ours == pytest.approx(f1_score(labels, predicted, average="macro"), abs=1e-12)
+    assert ours != pytest.approx(f1_score(labels, predicted, average="macro", labels=range(7), zero_division=0),
+                                 abs=1e-3)
+
+# --- precision: chosen by what the hardware does fast ----------------------------------------------------------
+
+@pytest.mark.parametrize("native", [False, True])
+def test_precision_auto_follows_the_bf16_probe(native, monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    cpu = torch.device("cpu")
+    precision, line = train.choose_precision("auto", cpu)
+    assert precision == ("bf16" if native else "fp32")
+    assert line.startswith(f"precision: {precision} (CPU capability {torch.backends.cpu.get_cpu_capability()}, ")
+    assert ("no native bf16" in line) == (not native) and "warning" not in line
+    assert train.choose_precision("fp32", cpu)[0] == "fp32"
+    forced, line = train.choose_precision("bf16", cpu)
+    assert forced == "bf16" and ("warning: bf16 is emulated here" in line) == (not native)
+
+def test_precision_bf16_autocasts_pretraining_only_on_the_cpu():
+    ctx = train.Ctx(None, 0, torch.device("cpu"), 0, 1, 100, True)
+    x = torch.randn(3, 5)
+    with train.autocast(ctx, pretraining=True):
+        assert (x @ x.T).dtype == torch.bfloat16
+    with train.autocast(ctx):  # fine-tuning and evaluation stay fp32: lora == peft bit for bit
+        assert (x @ x.T).dtype == torch.float32
+    with train.autocast(ctx._replace(bf16=False), pretraining=True):
+        assert (x @ x.T).dtype == torch.float32
+
+def test_quick_run_report_records_precision_and_machine(quick):
+    report = json.loads((quick / "report.json").read_text())
+    assert report["precision"] == train.choose_precision("auto", torch.device("cpu"))[0]
+    assert report["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert report["threads"] == 1 and report["torch"] == torch.__version__  # QUICK runs on one thread
+    assert f"precision {report['precision']}" in (quick / "report.md").read_text()
+
 # --- two tasks on one base: sentiment and People's Daily's tagging ----------------------------------------------
 
 @pytest.fixture(scope="session")
@@ -2191,6 +2233,79 @@ def test_predict_refuses_runs_trained_on_another_base_and_resume_retrains_them(q
     assert run([*QUICK, "--pretrain-steps", "5", "--runs", "head", "--out", out, "--resume"]) == 0
     assert "head: finished in an earlier invocation" not in capsys.readouterr().out
 
+def test_a_different_max_len_builds_a_new_base(quick, tmp_path, monkeypatch, capsys):
+    out = copy_out(quick, tmp_path / "out")
+    capsys.readouterr()
+    assert run(["pretrain", *QUICK, "--out", out]) == 0
+    assert "reusing" in capsys.readouterr().out
+    class Pretrained(Exception):
+        pass
+    def fit(*args, **kwargs):
+        raise Pretrained
+    monkeypatch.setattr(train, "fit", fit)  # reaching fit means the base is rebuilt, not reused at 48 positions
+    with pytest.raises(Pretrained):
+        run(["pretrain", *QUICK, "--max-len", "64", "--out", out])
+
+def test_bad_lora_options_stop_in_one_line_before_any_work(tmp_path, capsys):
+    for flags, says in [(["--lora-targets", "attn.q,attn.x"], "attn.x"), (["--lora-r", "40"], "40"),
+                        (["--lora-r", "20", "--runs", "lora_wide"], "rank 80")]:
+        out = tmp_path / flags[1].replace(",", "_")
+        began = time.perf_counter()
+        assert run([*QUICK, *flags, "--out", out]) == 2
+        line = one_line(capsys)
+        assert line.startswith("train.py: error: --lora-r") and says in line, line
+        assert time.perf_counter() - began < 60 and not out.exists()  # refused before the base is pretrained
+
+def test_a_library_value_error_is_one_line(monkeypatch, tmp_path, capsys):
+    def broken(seed):
+        raise ValueError("a reason the library gives\nand its second line")
+    monkeypatch.setattr(train, "load_reviews", broken)
+    assert run([*QUICK, "--out", tmp_path / "out"]) == 2
+    assert one_line(capsys) == "train.py: error: a reason the library gives"
+
+@pytest.mark.parametrize("where", ["temp", "files"])
+def test_a_manifest_naming_a_path_outside_out_is_refused_and_nothing_there_deleted(where, tmp_path, capsys):
+    out, victim = tmp_path / "out", tmp_path / "victim.txt"
+    out.mkdir()
+    victim.write_text("not train.py's")
+    entry = {"bytes": 1, "sha256": "0", "settings": "s", "from": None}
+    manifest = {"files": {"../victim.txt": entry} if where == "files" else {}, "temp": ["../victim.txt"] * (
+        where == "temp")}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert run(["pretrain", *QUICK, "--pretrain-steps", "2", "--out", out, "--resume"]) == 2
+    assert "outside the folder" in one_line(capsys) and victim.read_text() == "not train.py's"
+
+def test_the_peft_runs_save_refuses_tensors_its_model_does_not_have(tmp_path):
+    model = get_peft_model(hf_tiny_bert(dtype=torch.float32), hf_lora.peft_config(LoraConfig(RANK, 10, ("attn.q",))))
+    trained = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+    train.save_peft(model, tmp_path / "ok", trained)
+    assert (tmp_path / "ok" / "adapter_model.safetensors").is_file()
+    for wrong in (trained | {"base_model.model.bert.pooler.dense.lora_A.default.weight": torch.zeros(RANK, D_MODEL)},
+                  dict(list(trained.items())[1:])):
+        with pytest.raises(ValueError, match="the peft run's tensors and its model's trainable ones differ"):
+            train.save_peft(model, tmp_path / "bad", wrong)
+    assert not (tmp_path / "bad").exists()
+
+def test_tagging_predict_names_the_characters_past_max_len(two_tasks, capsys):
+    long_text = "我们在北京学习中文" * 8  # 72 characters; the quick runs read 46
+    capsys.readouterr()
+    assert run(["predict", "--task", "tagging", long_text, "--out", two_tasks]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert lines and all(line.endswith("(+26 characters past --max-len, untagged)") for line in lines), lines
+    assert all(sum(len(pair.rpartition("/")[0]) for pair in line.split("(+")[0].split()[1:]) == 46 for line in lines)
+
+def test_task_order_does_not_change_the_base():
+    assert train.parse_args(["--task", "tagging,sentiment"]).task == "sentiment,tagging"
+    assert train.parse_args(["--task", "tagging"]).task == "tagging"
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_qlora_computes_in_the_runs_precision(bf16):
+    params = {k: v.float() for k, v in tiny_params(tiny_config()).items()}
+    cfg = LoraConfig(RANK, 10, ("attn.q",))
+    init, apply = train.adapted("qlora", bf16)
+    qbase, adapters = init(params, cfg, torch.Generator().manual_seed(0))
+    assert apply(qbase, adapters, cfg)["layers.0.attn.q.weight"].dtype == (torch.bfloat16 if bf16 else torch.float32)
+
 BROKEN = {"truncated weights": ("base/model.safetensors", lambda p: p.write_bytes(p.read_bytes()[:100])),
           "deleted vocabulary": ("base/vocab.txt", lambda p: p.unlink()),
           "deleted head": ("runs/head/head.safetensors", lambda p: p.unlink()),
@@ -2266,7 +2381,7 @@ def test_an_update_that_explodes_on_the_last_step_saves_nothing(quick, tmp_path,
     assert not (out / "runs/head").exists() and not list(out.rglob("checkpoint.safetensors"))
 
 def test_nan_loss_stops_naming_step_and_learning_rate(tmp_path):
-    ctx = train.Ctx(train.Out(tmp_path, writer=True), 0, torch.device("cpu"), 0, 1, 100)
+    ctx = train.Ctx(train.Out(tmp_path, writer=True), 0, torch.device("cpu"), 0, 1, 100, False)
     hp = train.Hyper(epochs=1, lr=0.5, batch_size=2, flag="--lr-full")
     def loss_fn(params, idx, generator):  # finite at step 1, NaN from step 2 on
         return params["w"].sum() * (1.0 if params["w"].sum() == 3 else math.nan)
@@ -2275,7 +2390,7 @@ def test_nan_loss_stops_naming_step_and_learning_rate(tmp_path):
         train.fit(ctx, "nan", "runs/nan", {"w": torch.ones(3)}, loss_fn, torch.ones(8, dtype=torch.long), hp, {}, None)
 
 def test_weight_decay_only_on_matrices(tmp_path):
-    ctx = train.Ctx(train.Out(tmp_path, writer=True), 0, torch.device("cpu"), 0, 1, 100)
+    ctx = train.Ctx(train.Out(tmp_path, writer=True), 0, torch.device("cpu"), 0, 1, 100, False)
     start = {"w": torch.full((5, 3), 2.0), "b": torch.full((7,), 2.0)}
     zero = lambda params, idx, generator: sum(p.sum() for p in params.values()) * 0.0  # noqa: E731
     trained, _ = train.fit(ctx, "decay", "runs/decay", start, zero, torch.ones(2, dtype=torch.long),

@@ -28,6 +28,7 @@ import argparse
 import collections
 import csv
 import dataclasses
+import functools
 import datetime
 import decimal
 import fcntl
@@ -82,15 +83,14 @@ SCRATCH = dict(d_model=128, n_heads=4, d_ff=512, n_layers=3, dropout=0.1)  # the
 BASE = dict(d_model=128, n_heads=4, d_ff=512, n_layers=3, dropout=0.0)  # no dropout in short pretraining (Cramming)
 MIN_CHAR_COUNT = 2       # a character seen once in the pretraining text is noise; it becomes [UNK]
 PRETRAIN = dict(
-    steps=3600,          # what fits a first run's time budget on 2 cores
-    batch_size=128,      # rows per step
+    steps=1500,          # a first run within 15 minutes on 2 AVX2 cores in fp32 (README: what fewer steps cost)
+    batch_size=64,       # rows per step: more, smaller updates for the same compute
     seq=64,              # tokens per row, as the fine-tuning texts
     lr=2e-3,             # large for a small model, stable with the warm-up and RoBERTa's betas
     mask=0.20,           # share of characters to predict: more signal per row than BERT's 15% for a small model
     target_copies=2,     # the training texts appear twice: in-domain text pays most (Gururangan et al. 2020)
     betas=(0.9, 0.98),   # RoBERTa (Liu et al. 2019, §3.1)
     eps=1e-6,            # RoBERTa
-    bf16=True,           # bf16 autocast on the CPU too: 1.6x faster steps where it has bf16 matrix units
     bag=0.5)             # weight of the bag-of-characters task, which trains the pooled [CLS] (pretraining_loss)
 FINETUNE_DROPOUT = 0.0   # lora == peft needs 0 (the two draw masks from different streams); every run alike
 LORA_R = 6               # small ranks capture the update (Hu et al. §7.2); 3.4% of the base trainable at 6
@@ -98,8 +98,7 @@ LORA_ALPHA_PER_R = 2.0   # alpha = 2r: scale alpha / r = 2 whatever the rank (PE
 LORA_TARGETS = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.down")  # every linear map of the encoder
 LORA_NORMS = True        # LoRA runs train the LayerNorms too (PEFT's LN tuning, Zhao et al. 2023): +1.6 points
 ADALORA = (1.5, 0.1, 0.2, 10)  # init_r = 1.5 r, pruned to r from 10% to 80% of the steps, every 10 (PEFT's examples)
-QLORA_COMPUTE = (torch.bfloat16 if torch.cuda.is_available() or torch.ops.mkldnn._is_mkldnn_bf16_supported()
-                 else torch.float32)  # QLoRA computes in bf16 where the hardware has it (Dettmers et al. §3)
+PRECISIONS = ("auto", "fp32", "bf16")  # --precision; auto: bf16 where the hardware runs it natively, else fp32
 BASELINE_C = (0.1, 0.3, 1.0, 3.0)  # the linear SVM's inverse regularisation, chosen on the validation split
 PREDICT_DEMO = "这本书写得很好"  # "this book is very well written", the README's predict example
 QUICK = dict(train=2000, eval=400, source_lines=3000, epochs=5, max_len=48,  # --quick: well under a minute
@@ -318,6 +317,9 @@ class Out:
                 fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             m |= json.loads((root / "manifest.json").read_text()) if (root / "manifest.json").is_file() else {}
             self.files, self.temp, self.settings = dict(m["files"]), list(m["temp"]), dict(m.get("settings", {}))
+            outside = [rel for rel in [*self.files, *self.temp] if not (root / rel).resolve().is_relative_to(root)]
+            if outside:  # an edited or corrupt manifest must not make train.py read or delete files elsewhere
+                raise ValueError(f"manifest.json names {outside[0]!r}, outside the folder")
         except (OSError, ValueError, TypeError) as e:
             self.close()
             raise DataError(f"{root}: another train.py is writing there; wait for it or choose another --out" if
@@ -411,12 +413,33 @@ def write_json(path: Path, obj: object) -> None:
     path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 # --- The training loop, shared by pretraining and every run ------------------------------------------------------
-Ctx = collections.namedtuple("Ctx", "out seed device rank world checkpoint_every")  # this process
-Hyper = collections.namedtuple("Hyper", "epochs lr batch_size flag bf16 betas eps", defaults=(False, BETAS, ADAM_EPS))
+Ctx = collections.namedtuple("Ctx", "out seed device rank world checkpoint_every bf16")  # this process
+Hyper = collections.namedtuple("Hyper", "epochs lr batch_size flag pretraining betas eps",
+                               defaults=(False, BETAS, ADAM_EPS))
 
-def autocast(device: torch.device, cpu_bf16: bool = False):
-    """bf16 on CUDA; on the CPU only where asked (pretraining): fine-tuning stays fp32, so lora == peft exactly."""
-    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" or cpu_bf16)
+def native_bf16(device: torch.device) -> bool:
+    """Does the hardware run bf16 matrix products natively? A CPU without AVX512-BF16 or AMX emulates them at many
+    times fp32's cost (13x on an AVX2 EPYC: bench.py section 5)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+def choose_precision(requested: str, device: torch.device) -> tuple[str, str]:
+    """(precision, the line that says why): --precision auto takes bf16 where it is native, fp32 elsewhere."""
+    native = native_bf16(device)
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda" else
+             f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    precision = ("bf16" if native else "fp32") if requested == "auto" else requested
+    line = f"precision: {precision} ({where}, {'native' if native else 'no native'} bf16)"
+    if precision == "bf16" and not native:
+        line += "; warning: bf16 is emulated here, many times slower than fp32 (--precision fp32)"
+    return precision, line
+
+def autocast(ctx: Ctx, pretraining: bool = False):
+    """bf16 autocast when the run's precision is bf16: on CUDA everywhere, on the CPU for pretraining only, so that
+    fine-tuning stays fp32 and lora == peft exactly."""
+    return torch.autocast(ctx.device.type, torch.bfloat16,
+                          enabled=ctx.bf16 and (ctx.device.type == "cuda" or pretraining))
 
 def all_reduce(tensors: list[Tensor], ctx: Ctx) -> list[Tensor]:
     """Sum over ranks with ONE collective on a flat buffer (what DDP's gradient buckets do)."""
@@ -475,7 +498,7 @@ def fit(ctx: Ctx, name: str, folder: str, trainable: Params, loss_fn, lengths: T
             loss = torch.zeros(1, device=ctx.device)
             opt.zero_grad()
             if len(local):  # a last batch smaller than the world leaves a rank nothing to do
-                with autocast(ctx.device, hp.bf16):
+                with autocast(ctx, hp.pretraining):
                     share = len(local) / len(idx) if units is None else float(units[local].sum() / units[idx].sum())
                     loss = loss_fn(params, local, generator) * share
                 loss.backward()
@@ -513,8 +536,12 @@ def class_counts(labels: Tensor, predicted: Tensor, n_classes: int) -> Tensor:
     return torch.cat([torch.bincount(t, minlength=n_classes) for t in parts]).double()
 
 def metrics(counts: Tensor, loss_sum: float) -> dict:
+    """Loss, accuracy and macro-F1; the macro average is over the classes present in the labels or the predictions,
+    as scikit-learn's f1_score(average="macro") takes it: a class that never occurs is no evidence either way."""
     tp, predicted, actual = counts.view(3, -1)
-    f1, n = 2 * tp / (predicted + actual).clamp(min=1), float(actual.sum())  # F1 = 2TP / (2TP + FP + FN)
+    present = predicted + actual > 0
+    f1 = 2 * tp[present] / (predicted + actual)[present]  # F1 = 2TP / (2TP + FP + FN)
+    n = float(actual.sum())
     return {"loss": loss_sum / n, "accuracy": float(tp.sum()) / n, "macro_f1": float(f1.mean()), "n": int(n)}
 
 @torch.no_grad()
@@ -522,7 +549,7 @@ def evaluate(ctx: Ctx, forward, trainable: Params, data: Encoded, n_classes: int
     counts = torch.zeros(3 * n_classes + 1, dtype=torch.float64, device=ctx.device)  # + the loss sum
     for idx in torch.argsort(data.lengths, stable=True)[ctx.rank::ctx.world].split(EVAL_BATCH):
         ids, mask, labels = batch(data, idx, ctx.device)
-        with autocast(ctx.device):
+        with autocast(ctx):
             logits = forward(trainable, ids, mask).float()
         keep = labels != -100  # tagging: the characters only; every text of a classification
         logits, labels = logits[keep], labels[keep]
@@ -532,11 +559,12 @@ def evaluate(ctx: Ctx, forward, trainable: Params, data: Encoded, n_classes: int
     return metrics(counts[:-1].cpu(), float(counts[-1]))
 
 @torch.no_grad()
-def probabilities(forward, trainable: Params, encode, texts: list[str], device=torch.device("cpu")) -> Tensor:
+def probabilities(forward, trainable: Params, encode, texts: list[str], device=torch.device("cpu"),
+                  bf16: bool = False) -> Tensor:
     """Class probabilities of raw texts: the in-run half of what `predict` reproduces from the files."""
     data = Encoded(*encode(texts), torch.zeros(len(texts), dtype=torch.long))
     ids, mask, _ = batch(data, torch.arange(len(texts)), device)
-    with autocast(device):
+    with torch.autocast(device.type, torch.bfloat16, enabled=bf16 and device.type == "cuda"):
         return forward(trainable, ids, mask).float().softmax(-1).cpu()
 
 # --- Pretraining the base: masked-LM + bag of characters on People's Daily and the unlabelled training texts -----
@@ -592,7 +620,7 @@ def pretraining_loss(cfg: nanollm.Config, ids: Tensor, order: Tensor, recipe: di
 def ensure_base(ctx: Ctx, plan: dict, data: Dataset, tagging: Dataset | None) -> str:
     """OUT/base, the base of runs lora to full: reused when the manifest lists it for these settings, else made.
     With the tagging task, its validation and test sentences stay out of the pretraining text."""
-    settings = {k: plan[k] for k in ("base", "pretrain", "subsample", "source_lines")} | {
+    settings = {k: plan[k] for k in ("base", "pretrain", "subsample", "source_lines", "max_len", "precision")} | {
         "data": data.fingerprint, "seed": ctx.seed, "min_char_count": MIN_CHAR_COUNT} | (
             {"held_out": tagging.fingerprint} if tagging else {})
     if "base/model.safetensors" in ctx.out.files and ctx.out.usable("base", settings, data.fingerprint):
@@ -610,9 +638,9 @@ def ensure_base(ctx: Ctx, plan: dict, data: Dataset, tagging: Dataset | None) ->
     need, g = recipe["steps"] * recipe["batch_size"], torch.Generator().manual_seed(derive_seed(ctx.seed, "rows"))
     order = torch.cat([torch.randperm(len(ids), generator=g) for _ in range(math.ceil(need / len(ids)))])[:need]
     # Eq. 1 written out under CPU bf16 autocast: the fused kernel's bf16 backward was 4.7x slower (profiled)
-    fast = dataclasses.replace(cfg, attention="einsum") if recipe["bf16"] and ctx.device.type == "cpu" else cfg
+    fast = dataclasses.replace(cfg, attention="einsum") if ctx.bf16 and ctx.device.type == "cpu" else cfg
     loss_fn, parts = pretraining_loss(fast, ids, order, recipe, ctx.device)
-    hp = Hyper(1, recipe["lr"], recipe["batch_size"], "--lr-pretrain", recipe["bf16"], recipe["betas"], recipe["eps"])
+    hp = Hyper(1, recipe["lr"], recipe["batch_size"], "--lr-pretrain", True, recipe["betas"], recipe["eps"])
     params, log = fit(ctx, "pretrain", "base", params, loss_fn, torch.full((need,), recipe["seq"]), hp, settings,
                       data.fingerprint)
     tail = parts[-50:] or [(math.nan, math.nan)]  # (empty when a resumed pretraining had already finished)
@@ -648,11 +676,18 @@ def load_base(where: str | None, max_len: int, ours: bool, n_classes: int, seed:
 ADAPTED = {"lora": (lambda f, c, g: (f, lora.init_lora(f, c, g)), lora.with_lora),
            "dora": (lambda f, c, g: (f, lv.init_dora(f, c, g)), lv.merge_dora),  # + a magnitude per row
            "pissa": (lambda f, c, g: lv.init_pissa(f, c), lora.with_lora),  # its frozen base is W0's residual
-           "qlora": (lambda f, c, g: (lv.quantize_base(f), lora.init_lora(f, c, g)),  # lora's adapters, NF4 base
-                     lambda f, a, c: lv.with_qlora(f, a, c, QLORA_COMPUTE)),
+           "qlora": (lambda f, c, g: (lv.quantize_base(f), lora.init_lora(f, c, g)), lv.with_qlora),  # NF4 base
            "adalora": (lambda f, c, g: (f, lv.init_adalora(f, c, g)), lv.with_adalora),
            "lora_wide": (lambda f, c, g: (f, lora.init_lora(f, c, g)), lora.with_lora)}  # rank WIDE * r
 LORA = ADAPTED["lora"]  # peft starts from lora's adapters; predict runs PEFT's files through lora's forward
+
+def adapted(name: str, bf16: bool):
+    """(init, apply) of a LoRA-like run; QLoRA computes in bf16 where the run's precision is bf16 (Dettmers et al.
+    §3), in fp32 elsewhere."""
+    init, apply = ADAPTED.get(name, LORA)
+    if name == "qlora":
+        apply = functools.partial(lv.with_qlora, dtype=torch.bfloat16 if bf16 else torch.float32)
+    return init, apply
 
 def adalora_config(cfg: lora.LoraConfig, steps: int) -> lv.AdaLoraConfig:
     """lora's final budget (target_r = r) and scale (alpha = s * init_r), pruned on ADALORA's schedule."""
@@ -713,6 +748,15 @@ def ours(peft_name: str) -> str:
     name = peft_name.removeprefix("base_model.model.").replace("modules_to_save.default.", "").replace(".default", "")
     return hf_lora.our_name(name, "bert.").replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B")
 
+def save_peft(model, folder: Path, trained: Params) -> None:
+    """The peft run's trained tensors into its PeftModel, then PEFT's own save_pretrained. Strict both ways for
+    what trains: the frozen base is the only thing `trained` leaves out."""
+    wanted = {k for k, p in model.named_parameters() if p.requires_grad}
+    if wanted != set(trained):
+        raise ValueError(f"the peft run's tensors and its model's trainable ones differ: {sorted(wanted ^ set(trained))[:3]}")
+    model.load_state_dict(trained, strict=False)
+    model.cpu().save_pretrained(str(folder))
+
 def run_classifier(ctx: Ctx, plan: dict, data: Dataset, splits: dict, name: str, trainable: Params, forward,
                    total: int, save, source: str | None, info: dict, extra: dict, ada=None) -> dict:
     """Train one row's model, test and save it (or, with --resume, reuse its finished result). `extra`: the row's
@@ -745,7 +789,7 @@ def run_classifier(ctx: Ctx, plan: dict, data: Dataset, splits: dict, name: str,
            "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"], "test_loss": test["loss"],
            "epochs": hp.epochs, "steps": log["steps"], "lr": hp.lr, "batch_size": hp.batch_size} | extra | (
                {"final_ranks": ranks} if ada else {})
-    probs = probabilities(forward, trainable, splits["encode"], texts, ctx.device).tolist()
+    probs = probabilities(forward, trainable, splits["encode"], texts, ctx.device, ctx.bf16).tolist()
     result = {"row": row, "losses": log["losses"], "val": log["val"], "info": info,
               "predictions": {"texts": texts, "probs": probs}}
     def make(tmp: Path) -> None:  # replaces the folder, and with it the checkpoint
@@ -787,15 +831,15 @@ def run_all(ctx: Ctx, plan: dict, data: Dataset, runs: list[str], info: dict, st
     n_base, steps = sum(v.numel() for v in (frozen | head).values()), math.ceil(len(data.train) / plan["batch_size"])
     source = where if plan["model"] else sha256(Path(where) / "model.safetensors")[:16]  # what the runs came from
     for name in [r for r in runs if r != "scratch"]:
-        began, adapted, (init, apply) = time.perf_counter(), name in ("peft", *ADAPTED), ADAPTED.get(name, LORA)
+        began, is_adapted, (init, apply) = time.perf_counter(), name in ("peft", *ADAPTED), adapted(name, ctx.bf16)
         run_cfg = (adalora_config(lora_cfg, plan["epochs"] * steps) if name == "adalora" else
                    dataclasses.replace(lora_cfg, r=WIDE * lora_cfg.r) if name == "lora_wide" else lora_cfg)
         g = torch.Generator().manual_seed(derive_seed(ctx.seed, "lora"))
-        base_, adapters = init(frozen, run_cfg, g) if adapted else (frozen, {})
-        on_device = {k: v.to(ctx.device) for k, v in base_.items() if not adapted or k not in norms}
+        base_, adapters = init(frozen, run_cfg, g) if is_adapted else (frozen, {})
+        on_device = {k: v.to(ctx.device) for k, v in base_.items() if not is_adapted or k not in norms}
         trainable = dict(sorted((adapters | norms | head).items()))  # the clip norm sums in this order: lora's = peft's
         total = n_base + sum(v.numel() for v in adapters.values())
-        extra = {"base_bytes": lv.stored_bits(base_) // 8} if adapted else {}  # the frozen base as stored (qlora: NF4)
+        extra = {"base_bytes": lv.stored_bits(base_) // 8} if is_adapted else {}  # the frozen base as stored (qlora: NF4)
         forward = bert_forward(cfg, on_device, apply, run_cfg, per_token)
         save = lambda d, t: save_tensors(d / "model.safetensors", t, {"config": dataclasses.asdict(run_cfg)})  # noqa
         if name == "lora":  # PEFT's layout, which peft.PeftModel.from_pretrained loads
@@ -808,8 +852,7 @@ def run_all(ctx: Ctx, plan: dict, data: Dataset, runs: list[str], info: dict, st
                                                                 if p.requires_grad), key=ours)}
             forward = lambda t, ids, mask, train=False, generator=None: torch.func.functional_call(  # noqa: E731
                 model, t, (), {"input_ids": ids, "attention_mask": mask.long()}).logits
-            save = lambda d, t: (model.load_state_dict(t, strict=False),  # noqa: E731
-                                 model.cpu().save_pretrained(str(d / "adapter")))
+            save = lambda d, t: save_peft(model, d / "adapter", t)  # noqa: E731
         elif name == "head":
             trainable, forward = dict(sorted(head.items())), bert_forward(cfg, on_device, per_token=per_token)
             save = lambda d, t: save_tensors(d / "head.safetensors", t)  # noqa: E731
@@ -952,8 +995,11 @@ def majority(data: Dataset) -> tuple[str, int, int]:
 def write_report(ctx: Ctx, plan: dict, tasks: dict, stages: dict, where) -> None:
     """report.md, report.json and the plots; tasks: {task: (data, results, rows)}, the first one's runs plotted."""
     (task, (data, results, _)), multi = next(iter(tasks.items())), len(tasks) > 1
-    machine = (f"{torch.cuda.get_device_name(ctx.device) if ctx.device.type == 'cuda' else 'CPU'}, "
-               f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, world size {ctx.world}")
+    hardware = {"precision": plan["precision"], "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "threads": torch.get_num_threads(), "torch": torch.__version__}
+    machine = (f"{torch.cuda.get_device_name(ctx.device) if ctx.device.type == 'cuda' else 'CPU'} (capability "
+               f"{hardware['cpu_capability']}), {hardware['threads']} torch threads, torch {hardware['torch']}, "
+               f"world size {ctx.world}, precision {hardware['precision']}")
     memory = ("CUDA max_memory_allocated during the run" if ctx.device.type == "cuda" else "the process's peak "
               "resident set (ru_maxrss) at the row's end, earlier stages included; bench.py measures each run alone")
     setting = [f"{t}: {d.notes}; train {len(d.train):,} / validation {len(d.val):,} / test {len(d.test):,}; "
@@ -1013,7 +1059,7 @@ def write_report(ctx: Ctx, plan: dict, tasks: dict, stages: dict, where) -> None
                               "predictions": {k: r["predictions"] for k, r in rs.items()}}
     lines += ["wall time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items())]
     report |= report["tasks"][task] | {"lora_vs_peft": gap, "hypothesis": measures, "stages_seconds": stages,
-                                       "machine": machine, "memory_method": memory, "base": where, "plan": plan}
+                                       "machine": machine, "memory_method": memory, "base": where, "plan": plan} | hardware
     markdown = "\n".join(["# nanollm: training report", ""] + [f"- {line}" for line in setting + lines] +
                          ["", *tables])
     written_from = {"plan": plan}, " ".join(run_folder(t, k) for t, (_, rs, _) in tasks.items() for k in rs)
@@ -1051,18 +1097,21 @@ def load_run(out: Out, name: str, task: str):
         trained, meta = load_tensors(folder / "model.safetensors")
         config = meta["config"] | {"target_modules": tuple(meta["config"]["target_modules"])}
         run_cfg = (lv.AdaLoraConfig if name == "adalora" else lora.LoraConfig)(**config)
-    init, apply = ADAPTED.get(name, LORA)  # init again: pissa's residual, qlora's NF4 base (deterministic)
+    init, apply = adapted(name, info["precision"] == "bf16")  # init again: pissa's residual, qlora's NF4 base
     return bert_forward(cfg, init(frozen, run_cfg, torch.Generator())[0], apply, run_cfg, per_token), trained, encode
 
-def tagged(text: str, probs: Tensor, tags: list[str]) -> str:
-    """A text as word/POS pairs from a tag per character ([CLS] first); a B- tag starts a word."""
-    words = []
-    for ch, tag in zip(chars(text), (tags[i] for i in probs[1:].argmax(-1).tolist())):
+def tagged(text: str, probs: Tensor, tags: list[str], max_len: int) -> str:
+    """A text as word/POS pairs from a tag per character ([CLS] first); a B- tag starts a word. The encoder read
+    max_len - 2 characters at most: the rest is named, not tagged."""
+    words, read = [], chars(text)[: max_len - 2]
+    for ch, tag in zip(read, (tags[i] for i in probs[1: len(read) + 1].argmax(-1).tolist())):
         if tag.startswith("B-") or not words:
             words.append([ch, tag[2:]])
         else:
             words[-1][0] += ch
-    return " ".join(f"{word}/{pos}" for word, pos in words)
+    cut = len(chars(text)) - len(read)
+    return " ".join(f"{word}/{pos}" for word, pos in words) + (f" (+{cut} characters past --max-len, untagged)"
+                                                                 if cut else "")
 
 def predict(args: argparse.Namespace) -> int:
     out, texts = Out(Path(args.out).resolve(), writer=False), args.texts or [PREDICT_DEMO]
@@ -1076,13 +1125,13 @@ def predict(args: argparse.Namespace) -> int:
             raise DataError(f"{out.root}: no finished {task} runs to load; train first with python train.py --task "
                             f"{task} --out {args.out}")
         result = json.loads((out.root / run_folder(task, next(iter(probs))) / "result.json").read_text())
-        labels = result["info"]["label_names"]
+        labels, max_len = result["info"]["label_names"], result["info"]["max_len"]
         if args.json:
             print(json.dumps({"task": task, "texts": texts, "label_names": labels,
                               "probs": {k: p.tolist() for k, p in probs.items()}}, ensure_ascii=False))
             continue
         for i, text in enumerate(texts):
-            print(text + "".join(f"\n  {k:8s} {tagged(text, p[i], labels)}" if task == "tagging" else
+            print(text + "".join(f"\n  {k:8s} {tagged(text, p[i], labels, max_len)}" if task == "tagging" else
                                  f"\n  {k:8s} {labels[int(p[i].argmax())]:>10s}  {float(p[i].max()):.3f}"
                                  for k, p in probs.items()))
     return 0
@@ -1116,7 +1165,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "speech per character) or sentiment,tagging: one base, each task its own runs, OUT/adapters side by side")
     add("--runs", metavar="LIST", default=",".join(RUNS), help=f"of {','.join(RUNS + VARIANTS)} (default: "
         f"{','.join(RUNS)}; the baseline row is always there)")
-    add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA (bf16 autocast) when present")
+    add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when present")
+    add("--precision", default="auto", choices=PRECISIONS, help="bf16 autocast (pretraining on a CPU, everything on "
+        "CUDA) or fp32; auto (default): bf16 where the hardware runs it natively, fp32 elsewhere")
     add("--resume", action="store_true", help="continue from OUT's checkpoints, rebuild what is missing or changed")
     add("--seed", metavar="N", type=int, default=SEED, help=f"split, init, batch order, dropout (default: {SEED})")
     add("--quick", action="store_true", help="tiny models and data subsets: end to end in about a minute")
@@ -1149,6 +1200,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--runs: unknown run(s) {unknown}; choose from {','.join(RUNS + VARIANTS)}")
     if unknown := sorted(set(args.task.split(",")) - set(TASKS)):
         p.error(f"--task: unknown task(s) {unknown}; choose from {','.join(TASKS)}")
+    # in TASKS' order whatever the order given: the base pretrains on the first task's texts, so one base per set
+    args.task = ",".join(task for task in TASKS if task in args.task.split(","))
     if "tagging" in args.task.split(",") and (args.data or args.model):
         p.error("--task tagging reads People's Daily with our character base; it takes neither --data nor --model")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -1197,6 +1250,18 @@ def save_adapters(ctx: Ctx, plan: dict, where: str, tasks: list[str]) -> None:
             save_tensors(tmp / task / "head.safetensors", head)
     ctx.out.write("adapters", make, {"plan": plan}, " ".join(run_folder(t, "lora") for t in tasks))
 
+def check_lora(plan: dict, runs: list[str], base: Params) -> None:
+    """--lora-r and --lora-targets against the base's shapes (lora.init_lora's one-line reasons), for every rank the
+    runs will use: r, lora_wide's WIDE r, AdaLoRA's initial rank."""
+    ranks = {plan["lora_r"]} | ({WIDE * plan["lora_r"]} if "lora_wide" in runs else set()) | (
+        {round(ADALORA[0] * plan["lora_r"])} if "adalora" in runs else set())
+    for r in sorted(ranks):
+        try:
+            lora.init_lora(base, lora.LoraConfig(r, plan["lora_alpha"], tuple(plan["lora_targets"])), torch.Generator())
+        except ValueError as e:
+            raise DataError(f"--lora-r {plan['lora_r']} / --lora-targets: {e}" + (
+                f" (rank {r} is what a requested run uses)" if r != plan["lora_r"] else "")) from None
+
 def train(args: argparse.Namespace) -> int:
     started, plan, task_names = time.perf_counter(), make_plan(args), list(dict.fromkeys(args.task.split(",")))
     tagging = load_tagging(args.seed, plan["source_lines"]) if "tagging" in task_names else None  # whole sentences
@@ -1204,8 +1269,10 @@ def train(args: argparse.Namespace) -> int:
     data = datasets[task_names[0]]  # the base pretrains on its training texts
     runs = [r for r in RUNS + VARIANTS if r in args.runs.split(",")]
     where = None if plan["model"] == "minilm" else plan["model"]  # None: the packaged MiniLM
-    if plan["model"] and runs != ["scratch"]:  # a bad --model stops here, before anything is written
-        load_base(where, plan["max_len"], False, len(data.label_names), args.seed)
+    if runs != ["scratch"]:  # a bad --model, rank or target stops here, before any work
+        base = (load_base(where, plan["max_len"], False, len(data.label_names), args.seed)[1] if plan["model"] else
+                nanollm.init_params(nanollm.Config.bert(len(SPECIALS), **plan["base"]), torch.Generator()))
+        check_lora(plan, runs, base)
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world > 1:
@@ -1217,9 +1284,11 @@ def train(args: argparse.Namespace) -> int:
             torch.cuda.set_device(device := torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=args.dist_timeout))
+    plan["precision"], precision_line = choose_precision(args.precision, device)
     out = Out(Path(args.out).resolve(), writer=rank == 0, resume=args.resume)
     try:
-        ctx = Ctx(out, args.seed, device, rank, world, args.checkpoint_every)
+        ctx = Ctx(out, args.seed, device, rank, world, args.checkpoint_every, plan["precision"] == "bf16")
+        out.say(precision_line)
         for task, d in datasets.items():
             out.say(f"{task}: {d.notes}\nsplits (no text in two): train {len(d.train):,} / validation {len(d.val):,} "
                     f"/ test {len(d.test):,}; {len(d.label_names)} classes")
@@ -1240,7 +1309,7 @@ def train(args: argparse.Namespace) -> int:
             stages["base"] = time.perf_counter() - began
         for task, d in datasets.items():
             info = {"task": task, "label_names": d.label_names, "max_len": plan["max_len"], "seed": ctx.seed,
-                    "base_is_ours": plan["model"] is None, "base": where}  # what predict needs to rebuild a run
+                    "base_is_ours": plan["model"] is None, "base": where, "precision": plan["precision"]}  # what predict needs to rebuild a run
             results = run_all(ctx, plan, d, runs, info, stages, where)
             if rank == 0:
                 began, row = time.perf_counter(), baseline(d, task)
@@ -1266,9 +1335,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)  # PEFT's, not ours
     try:
         return predict(args) if args.command == "predict" else train(args)
-    except (DataError, Stopped) as e:
-        print(f"train.py: {'error' if isinstance(e, DataError) else 'stopped'}: {e}", file=sys.stderr)
-        return 2 if isinstance(e, DataError) else 1
+    except (ValueError, Stopped) as e:  # DataError, and any library's ValueError: one line, not a traceback
+        first = (str(e).splitlines() or [repr(e)])[0]
+        print(f"train.py: {'stopped' if isinstance(e, Stopped) else 'error'}: {first}", file=sys.stderr)
+        return 1 if isinstance(e, Stopped) else 2
     except KeyboardInterrupt:
         print(f"\ntrain.py: interrupted; continue with --resume --out {args.out}", file=sys.stderr)
         return 130
