@@ -891,6 +891,33 @@ def test_load_adapter_missing_refused_or_malformed_raises_one_line(tmp_path):
         assert (snapshot(directory) if files else None) == before, name
 
 
+@pytest.mark.parametrize("option, named", [(dict(init_lora_weights="pissa"), "'init_lora_weights': 'pissa'"),
+                                           (dict(init_lora_weights="olora"), "'init_lora_weights': 'olora'"),
+                                           (dict(target_modules=["query", "word_embeddings"]), "lora_embedding_A")])
+def test_load_adapter_refuses_peft_adapters_on_a_moved_base_or_on_embeddings(option, named, tmp_path):
+    # issue 22: PiSSA and OLoRA subtract their start from W0, so their files fit only that changed base; an
+    # embedding's lora_embedding_A/B were read as full tensors and then ignored
+    config = peft.LoraConfig(**dict(r=RANK, lora_alpha=7, target_modules=["query", "value"]) | option)
+    get_peft_model(lora_bert().float(), config).save_pretrained(tmp_path)  # PiSSA and OLoRA refuse float64
+    with pytest.raises(ValueError, match=named) as info:
+        load_adapter(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("init", [True, "gaussian", False])
+def test_load_adapter_reads_peft_inits_that_leave_the_base_alone(init, tmp_path):
+    # PEFT's default (True) and "gaussian" draw A and zero B, False draws both: W0 is untouched, the file is plain
+    config = peft.LoraConfig(r=3, lora_alpha=7, target_modules=["key"], init_lora_weights=init)
+    model = get_peft_model(lora_bert().float(), config)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["init_lora_weights"] == init
+    adapters, cfg = load_adapter(tmp_path)
+    expected = {k.removeprefix("base_model.model.").removesuffix(".weight"): v
+                for k, v in peft.get_peft_model_state_dict(model).items()}
+    assert (cfg.r, cfg.target_modules) == (3, ("key",)) and adapters.keys() == expected.keys()
+    assert all(torch.equal(adapters[k], v) for k, v in expected.items())
+
+
 # --- Errors that say what to fix ---------------------------------------------------------------------------------
 
 
