@@ -907,14 +907,14 @@ def test_load_adapter_refuses_peft_adapters_on_a_moved_base_or_on_embeddings(opt
 @pytest.mark.parametrize("init", [True, "gaussian", False])
 def test_load_adapter_reads_peft_inits_that_leave_the_base_alone(init, tmp_path):
     # PEFT's default (True) and "gaussian" draw A and zero B, False draws both: W0 is untouched, the file is plain
-    config = peft.LoraConfig(r=3, lora_alpha=7, target_modules=["key"], init_lora_weights=init)
+    config = peft.LoraConfig(r=RANK, lora_alpha=7, target_modules=["key"], init_lora_weights=init)
     model = get_peft_model(lora_bert().float(), config)
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["init_lora_weights"] == init
     adapters, cfg = load_adapter(tmp_path)
     expected = {k.removeprefix("base_model.model.").removesuffix(".weight"): v
                 for k, v in peft.get_peft_model_state_dict(model).items()}
-    assert (cfg.r, cfg.target_modules) == (3, ("key",)) and adapters.keys() == expected.keys()
+    assert (cfg.r, cfg.target_modules) == (RANK, ("key",)) and adapters.keys() == expected.keys()
     assert all(torch.equal(adapters[k], v) for k, v in expected.items())
 
 
