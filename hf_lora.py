@@ -184,10 +184,26 @@ def load_bert(name_or_path: str | os.PathLike | None = None) -> tuple[nanollm.Co
     model, info = _from_pretrained(getattr(transformers, f"Bert{head}"), name_or_path, output_loading_info=True)
     return cfg, {our_name(k): v for k, v in model.state_dict().items() if k not in info["missing_keys"]}
 
+def char_tokenizer(vocab: list[str], max_len: int):
+    """train.py's char_encoder for HuggingFace: [CLS] c1 c2 ... [SEP], one id a character, str.split()'s spaces out."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    space = "".join(c for c in map(chr, range(0x110000)) if c.isspace())  # \x1c-\x1f too, unlike Rust is_whitespace
+    tokenizer = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(f"[{space}]"), "removed"),
+                                                       pre_tokenizers.Split(Regex("."), "isolated")])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab.index("[CLS]")), ("[SEP]", vocab.index("[SEP]"))])
+    return PreTrainedTokenizerFast(  # split_special_tokens: "[MASK]" typed in a text is 6 characters to char_encoder
+        tokenizer_object=tokenizer, model_max_length=max_len, split_special_tokens=True,
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"], unk_token="[UNK]", pad_token="[PAD]",
+        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
 def export_bert(directory: str | os.PathLike, cfg: nanollm.Config, params: Params, vocab: list[str]) -> None:
     """A HuggingFace BERT directory (config, safetensors, tokenizer for `vocab` in id order) that AutoModel loads
     as nanollm.encoder; with pooler.* and classifier.*, a BertForSequenceClassification = nanollm.bert_classify."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
     if not (cfg.bert_embeddings and cfg.activation == "gelu" and not cfg.norm_first):
         raise ValueError("export_bert needs BERT's arrangement (Config.bert: learned positions, GELU, Post-LN)")
     special = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t not in vocab]
@@ -213,8 +229,7 @@ def export_bert(directory: str | os.PathLike, cfg: nanollm.Config, params: Param
                                        "tokenizer_config.json", "special_tokens_map.json")) as tmp:
         model.save_pretrained(tmp)
         pathlib.Path(tmp, "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-        AutoTokenizer.from_pretrained(tmp, local_files_only=True, do_lower_case=False,
-                                      model_max_length=cfg.max_len).save_pretrained(tmp)
+        char_tokenizer(vocab, cfg.max_len).save_pretrained(tmp)  # tokenizer.json, which AutoTokenizer prefers
 
 # --- python hf_lora.py --------------------------------------------------------------------------------------------
 CONCEPTS = (  # the LoRA half of the concept map

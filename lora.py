@@ -139,9 +139,8 @@ def unmerge(merged: Params, adapters: Params, cfg: LoraConfig) -> Params:
     return _shift(merged, adapters, cfg, -1.0)
 
 def mixed_batch(forward, base: Params, tasks: list[Params], rows: Tensor, *inputs: Tensor) -> Tensor:
-    """forward(base | tasks[rows[b]], row b of inputs) for each row b, in one call: PEFT's adapter_names= as a pure
-    function. Each task's tensors (with_lora's lora keys, a head) are stacked on a new axis and gathered per row;
-    torch.func.vmap runs forward over the rows (nanollm: use attention="einsum", SDPA has no vmap rule)."""
+    """forward(base | tasks[rows[b]], row b of inputs) for each row b in one vmapped call: PEFT's adapter_names= as a
+    pure function; a task holds with_lora's keys and a head (nanollm: attention="einsum", SDPA has no vmap rule)."""
     if not tasks or any(sorted(t) != sorted(tasks[0]) for t in tasks):
         raise ValueError("mixed_batch needs tasks that all hold the same keys (an adapter and head per task)")
     per_row = {k: torch.stack([t[k] for t in tasks])[rows] for k in tasks[0]}
@@ -175,16 +174,17 @@ def save_adapter(directory: str | os.PathLike, adapters: Params, cfg: LoraConfig
         tmp.unlink(missing_ok=True)
 
 def _read(directory: str | os.PathLike) -> tuple[Params, LoraConfig, Params]:
-    """(adapters, cfg, extra) from a PEFT-layout directory; any problem is a one-line ValueError."""
     try:
         raw = json.loads(Path(directory, CONFIG).read_text(encoding="utf-8"))
         tensors = load_file(Path(directory, WEIGHTS))
         if not isinstance(raw, dict) or raw.get("peft_type") != "LORA":
             raise ValueError(f'{CONFIG} must be a JSON object with "peft_type": "LORA"')
         unsupported = {k: raw[k] for k in UNSUPPORTED if raw.get(k)} | {  # a string target is a regex to PEFT
-            k: raw[k] for k in ("bias", "target_modules") if isinstance(raw.get(k), str) and raw[k] != "none"}
+            k: raw[k] for k, plain in (("bias", "none"), ("target_modules", None), ("init_lora_weights", "gaussian"))
+            if isinstance(raw.get(k), str) and raw[k] != plain}  # pissa, olora, loftq move W0 too; the rest unchecked
+        unsupported |= {k: "LoRA on an nn.Embedding" for k in tensors if ".lora_embedding_" in k}
         if unsupported:
-            raise ValueError(f"{CONFIG} sets PEFT options this LoRA does not model: {unsupported}")
+            raise ValueError(f"PEFT options this LoRA does not model: {unsupported}")
         cfg = LoraConfig(**{f.name: tuple(raw[f.name]) if f.name == "target_modules" else raw[f.name]
                             for f in dataclasses.fields(LoraConfig) if f.name in raw})  # JSON has no tuples
         names = {k.removeprefix(PREFIX): v for k, v in tensors.items()}
