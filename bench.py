@@ -560,7 +560,8 @@ def precision(quick: bool, rounds: int, warmup: int) -> list[str]:
     capability, native = torch.backends.cpu.get_cpu_capability(), train.native_bf16(torch.device("cpu"))
     t = round_robin(precision_steps(quick), rounds, warmup)
     lines = [f"5) precision on this CPU: capability {capability}, native bf16 {native}, {torch.get_num_threads()} "
-             f"threads; train.py --precision auto picks {train.choose_precision('auto', torch.device('cpu'))[0]}"]
+             f"threads; train.py --precision auto picks {train.choose_precision('auto', torch.device('cpu'))[0]} "
+             f"(medians of {rounds} rounds after {warmup} warm-up)"]
     for kind in ("pretrain", "finetune"):
         fp32, bf16 = t[f"{kind} fp32"], t[f"{kind} bf16"]
         lines.append(f"  {kind} step   fp32 {ms(fp32):8.1f} ms   bf16 autocast {ms(bf16):8.1f} ms   bf16 / fp32 "
