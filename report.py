@@ -148,7 +148,8 @@ def plot_hypothesis(path: Path, measures: dict, r: int) -> None:
              "dW", ylabel="share of ||dW||_F^2 (mean over layers)", title="Is full fine-tuning's update low-rank?")
     left.legend()
     for key, label, alpha in (("phi_lora_full", "LoRA vs full", 1.0), ("phi_random", "random subspaces", 0.6)):
-        right.bar(kinds, [mean_over(measures, lambda m: m[key], "." + kind) for kind in kinds], label=label, alpha=alpha)
+        means = [mean_over(measures, lambda m: m[key], "." + kind) for kind in kinds]
+        right.bar(kinds, means, label=label, alpha=alpha)
     right.set(ylim=(0, 1), ylabel=f"phi, top {r} directions", title="Does LoRA find full fine-tuning's directions?")
     right.legend()
     if grids:

