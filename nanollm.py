@@ -82,8 +82,7 @@ def init_params(cfg: Config, generator: torch.Generator) -> Params:
     """Every key, shape and init rule of the encoder; linear weights are (d_out, d_in) as in nn.Linear."""
     def linear(name: str, d_out: int, d_in: int) -> Params:
         # Glorot/Xavier uniform, what nn.Transformer applies to every matrix; biases start at zero.
-        bound = math.sqrt(6.0 / (d_in + d_out))
-        weight = torch.empty(d_out, d_in).uniform_(-bound, bound, generator=generator)
+        weight = torch.nn.init.xavier_uniform_(torch.empty(d_out, d_in), generator=generator)
         return {f"{name}.weight": weight, f"{name}.bias": torch.zeros(d_out)}
     def norm(name: str) -> Params:
         return {f"{name}.weight": torch.ones(cfg.d_model), f"{name}.bias": torch.zeros(cfg.d_model)}
@@ -261,8 +260,7 @@ def encoder(params: Params, tokens: Int[Tensor, "batch seq"], cfg: Config,
 # --- Heads: their linears go through `project` too, so an adapter on any of them works unmerged ----------------
 def init_head(cfg: Config, n_classes: int, generator: torch.Generator) -> Params:
     """The seed's classifier: one linear layer over the mean of the real tokens' outputs."""
-    bound = math.sqrt(6.0 / (cfg.d_model + n_classes))
-    weight = torch.empty(n_classes, cfg.d_model).uniform_(-bound, bound, generator=generator)
+    weight = torch.nn.init.xavier_uniform_(torch.empty(n_classes, cfg.d_model), generator=generator)
     return {"head.weight": weight, "head.bias": torch.zeros(n_classes)}
 
 @short_errors
