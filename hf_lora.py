@@ -169,20 +169,23 @@ def adapters_from_peft(directory: str | os.PathLike) -> tuple[Params, lora.LoraC
 # --- BERT checkpoints in and out of nanollm -----------------------------------------------------------------------
 def load_bert(name_or_path: str | os.PathLike | None = None) -> tuple[nanollm.Config, Params]:
     """(Config, params) such that nanollm.encoder(params, input_ids, cfg, attention_mask.bool(), token_types=...) is
-    BertModel's last_hidden_state; weights the checkpoint lacks (transformers would draw them) are left out."""
+    BertModel's or XLMRobertaModel's last_hidden_state; weights the checkpoint lacks (HF would draw them) left out."""
     import transformers
     hf = _from_pretrained(transformers.AutoConfig, name_or_path)
-    if (kind := (hf.model_type, getattr(hf, "hidden_act", None), getattr(hf, "is_decoder", 0))) != ("bert", "gelu", 0):
-        raise ValueError(f"nanollm runs BERT encoders with erf GELU: (model_type, hidden_act, is_decoder) = {kind}")
+    kind = (hf.model_type, getattr(hf, "hidden_act", None), getattr(hf, "is_decoder", 0))
+    if kind[1:] != ("gelu", 0) or kind[0] not in ("bert", "xlm-roberta"):
+        raise ValueError(f"nanollm runs BERT/XLM-R encoders, erf GELU: (model_type, hidden_act, is_decoder) = {kind}")
+    skip = hf.pad_token_id + 1 if (xlmr := kind[0] == "xlm-roberta") else 0  # XLM-R counts positions from pad + 1
     # attention_probs_dropout_prob has no counterpart: nanollm drops sub-layer outputs only (Vaswani §5.4)
     cfg = nanollm.Config.bert(hf.vocab_size, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
                               d_ff=hf.intermediate_size, n_layers=hf.num_hidden_layers,
-                              max_len=hf.max_position_embeddings, dropout=float(hf.hidden_dropout_prob),
+                              max_len=hf.max_position_embeddings - skip, dropout=float(hf.hidden_dropout_prob),
                               type_vocab_size=hf.type_vocab_size, eps=float(hf.layer_norm_eps))
-    head = next((h for a in hf.architectures or [] for h in ("ForSequenceClassification", "ForTokenClassification")
-                 if a.endswith(h)), "Model")  # the heads nanollm runs: bert_classify, bert_tag
-    model, info = _from_pretrained(getattr(transformers, f"Bert{head}"), name_or_path, output_loading_info=True)
-    return cfg, {our_name(k): v for k, v in model.state_dict().items() if k not in info["missing_keys"]}
+    head = next((h for a in hf.architectures or [] for h in TASKS.values() if a.endswith(h) and not xlmr), "Model")
+    model, info = _from_pretrained(getattr(transformers, f"{'XLMRoberta' if xlmr else 'Bert'}{head}"), name_or_path,
+                                   output_loading_info=True)
+    params = {our_name(k): v for k, v in model.state_dict().items() if k not in info["missing_keys"]}
+    return cfg, params | {"pos_embed.weight": params["pos_embed.weight"][skip:]}
 
 def export_bert(directory: str | os.PathLike, cfg: nanollm.Config, params: Params, vocab: list[str]) -> None:
     """A HuggingFace BERT directory (config, safetensors, tokenizer for `vocab` in id order) that AutoModel loads

