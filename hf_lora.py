@@ -26,7 +26,7 @@ import tempfile
 import warnings
 
 import torch
-from tokenizers import Regex, normalizers, pre_tokenizers
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
 
 import lora
 import nanollm
@@ -203,20 +203,19 @@ def load_bert(name_or_path: str | os.PathLike | None = None) -> tuple[nanollm.Co
     return cfg, params | {"pos_embed.weight": params["pos_embed.weight"][skip:]}
 
 def char_tokenizer(vocab: list[str], max_len: int):
-    """train.py's char_encoder for HuggingFace: [CLS] c1 c2 ... [SEP], one id a character, str.split()'s spaces out."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    """train.py's char_encoder for HuggingFace: [CLS] c1 c2 ... [SEP], one id a character, str.split()'s spaces out;
+    "[MASK]" typed in a text is 6 characters (split_special_tokens), as char_encoder reads it."""
     from transformers import PreTrainedTokenizerFast
     space = "".join(c for c in map(chr, range(0x110000)) if c.isspace())  # \x1c-\x1f too, unlike Rust is_whitespace
     tokenizer = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(f"[{space}]"), "removed"),
                                                        pre_tokenizers.Split(Regex("."), "isolated")])
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab.index("[CLS]")), ("[SEP]", vocab.index("[SEP]"))])
-    return PreTrainedTokenizerFast(  # split_special_tokens: "[MASK]" typed in a text is 6 characters to char_encoder
-        tokenizer_object=tokenizer, model_max_length=max_len, split_special_tokens=True,
-        model_input_names=["input_ids", "token_type_ids", "attention_mask"], unk_token="[UNK]", pad_token="[PAD]",
-        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[
+        ("[CLS]", vocab.index("[CLS]")), ("[SEP]", vocab.index("[SEP]"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=max_len, split_special_tokens=True,
+                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+                                   unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+                                   mask_token="[MASK]")
 
 def export_bert(directory: str | os.PathLike, cfg: nanollm.Config, params: Params, vocab: list[str]) -> None:
     """A HuggingFace BERT directory (config, safetensors, tokenizer for `vocab` in id order) that AutoModel loads
