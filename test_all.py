@@ -2523,6 +2523,11 @@ def test_tagging_predict_names_the_characters_past_max_len(two_tasks, capsys):
     assert lines and all(line.endswith("(+26 characters past --max-len, untagged)") for line in lines), lines
     assert all(sum(len(pair.rpartition("/")[0]) for pair in line.split("(+")[0].split()[1:]) == 46 for line in lines)
 
+def test_e5_takes_its_own_lora_learning_rate_unless_told():
+    assert train.make_plan(train.parse_args(["--model", "e5"]))["lr"]["lora"] == train.E5_LR["lora"]
+    assert train.make_plan(train.parse_args(["--model", "e5", "--lr-lora", "0.002"]))["lr"]["lora"] == 0.002
+    assert train.make_plan(train.parse_args([]))["lr"]["lora"] == train.LR["lora"] != train.E5_LR["lora"]
+
 def test_task_order_does_not_change_the_base():
     assert train.parse_args(["--task", "tagging,sentiment"]).task == "sentiment,tagging"
     assert train.parse_args(["--task", "tagging"]).task == "tagging"
