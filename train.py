@@ -100,7 +100,7 @@ LORA_NORMS = True        # LoRA runs train the LayerNorms too (PEFT's LN tuning,
 ADALORA = (1.5, 0.1, 0.2, 10)  # init_r = 1.5 r, pruned to r from 10% to 80% of the steps, every 10 (PEFT's examples)
 PRECISIONS = ("auto", "fp32", "bf16")  # --precision; auto: bf16 where the hardware runs it natively, else fp32
 PREDICT_DEMO = "这本书写得很好"  # "this book is very well written", the README's predict example
-QUICK = dict(train=2000, eval=400, source_lines=3000, epochs=5, max_len=48,  # --quick: well under a minute
+QUICK = dict(train=2000, eval=400, source_lines=3000, epochs=5, max_len=48,  # --quick: a minute on our base
              lr=LR | dict(head=1e-2, full=2e-3),  # short runs want larger steps
              scratch=dict(d_model=32, n_heads=2, d_ff=64, n_layers=1, dropout=0.1),
              base=dict(d_model=32, n_heads=2, d_ff=64, n_layers=2, dropout=0.0),
