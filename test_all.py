@@ -2523,10 +2523,14 @@ def test_tagging_predict_names_the_characters_past_max_len(two_tasks, capsys):
     assert lines and all(line.endswith("(+26 characters past --max-len, untagged)") for line in lines), lines
     assert all(sum(len(pair.rpartition("/")[0]) for pair in line.split("(+")[0].split()[1:]) == 46 for line in lines)
 
-def test_e5_takes_its_own_lora_learning_rate_unless_told():
-    assert train.make_plan(train.parse_args(["--model", "e5"]))["lr"]["lora"] == train.E5_LR["lora"]
-    assert train.make_plan(train.parse_args(["--model", "e5", "--lr-lora", "0.002"]))["lr"]["lora"] == 0.002
-    assert train.make_plan(train.parse_args([]))["lr"]["lora"] == train.LR["lora"] != train.E5_LR["lora"]
+def test_e5_takes_its_own_learning_rates_and_max_len_unless_told():
+    plan = train.make_plan(train.parse_args(["--model", "e5"]))
+    assert plan["lr"] == train.LR | train.E5_LR and plan["max_len"] == train.E5_MAX_LEN != train.MAX_LEN
+    assert all(train.E5_LR[run] != train.LR[run] for run in train.E5_LR)
+    told = train.make_plan(train.parse_args(["--model", "e5", "--lr-lora", "0.002", "--max-len", "40"]))
+    assert told["lr"]["lora"] == 0.002 and told["max_len"] == 40
+    assert train.make_plan(train.parse_args(["--model", "e5", "--quick"]))["max_len"] == train.QUICK["max_len"]
+    assert train.make_plan(train.parse_args([]))["max_len"] == train.MAX_LEN
 
 def test_task_order_does_not_change_the_base():
     assert train.parse_args(["--task", "tagging,sentiment"]).task == "sentiment,tagging"
@@ -2861,6 +2865,17 @@ def test_bench_efficiency_rows_formula_equals_counted(which):
         assert (row["formula"], row["counted"]) == (expected, expected)
         assert (row["trainable"], row["total"]) == (expected + n_head, n_base + expected)
 
+
+def test_bench_transfer_scores_each_run_as_its_report_then_on_traditional_characters(quick):
+    pytest.importorskip("opencc")
+    rows, facts = bench.transfer_rows(quick)
+    reported = {row["run"]: row["test_accuracy"] for row in json.loads((quick / "report.json").read_text())["rows"]}
+    assert [row["run"] for row in rows] == list(reported)
+    for row in rows:  # other batches pad differently: at most one test text may flip
+        assert abs(row["simplified"] - reported[row["run"]]) <= 1.5 / facts["texts"], row
+        assert 0.0 <= row["traditional"] <= 1.0
+    assert 0 < facts["texts_changed"] <= facts["texts"] and 0 < facts["chars_changed"] < facts["chars"]
+    assert facts["chars_unseen_after"] > facts["chars_unseen_before"]
 
 def test_bench_verified_counts_seed_and_bert_base_chinese():
     seed = bench.efficiency_rows(bench.seed_params(), {"q,v": ("attn.q", "attn.v")}, "head", ranks=(8,))[0]
