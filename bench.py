@@ -71,13 +71,7 @@ def unchecked(fn: Callable[[], object]) -> Callable[[], object]:
         try:
             return fn()
         finally:
-            if args.transfer:  # scores finished runs: nothing timed, no config of its own
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        print("\n".join(transfer(args.transfer)))
-        return
-    jaxtyping.config.update("jaxtyping_disable", False)
+            jaxtyping.config.update("jaxtyping_disable", False)
 
     return run
 
