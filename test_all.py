@@ -2162,7 +2162,7 @@ def test_macro_f1_equals_scikit_learns_with_absent_classes():
     labels = torch.randint(0, 5, (41,), generator=gen)  # 7 classes, of which 5 and 6 never occur
     predicted = torch.where(torch.rand(41, generator=gen) < 0.6, labels, torch.randint(0, 5, (41,), generator=gen))
     predicted[0] = 4 if labels[0] != 4 else 3
-    ours = report.metrics(report.class_counts(labels, predicted, 7), 0.0)["macro_f1"]
+    ours = train.metrics(train.class_counts(labels, predicted, 7), 0.0)["macro_f1"]
     assert ours == pytest.approx(f1_score(labels, predicted, average="macro"), abs=1e-12)
     assert ours != pytest.approx(f1_score(labels, predicted, average="macro", labels=range(7), zero_division=0),
                                  abs=1e-3)
@@ -2536,8 +2536,7 @@ def test_task_order_does_not_change_the_base():
 def test_qlora_computes_in_the_runs_precision(bf16):
     params = {k: v.float() for k, v in tiny_params(tiny_config()).items()}
     cfg = LoraConfig(RANK, 10, ("attn.q",))
-    init, apply = train.adapted("qlora", bf16)
-    qbase, adapters = init(params, cfg, torch.Generator().manual_seed(0))
+    qbase, adapters, apply = train.adapt("qlora", params, cfg, bf16, torch.Generator().manual_seed(0))
     assert apply(qbase, adapters, cfg)["layers.0.attn.q.weight"].dtype == (torch.bfloat16 if bf16 else torch.float32)
 
 BROKEN = {"truncated weights": ("base/model.safetensors", lambda p: p.write_bytes(p.read_bytes()[:100])),
@@ -2703,9 +2702,9 @@ def test_a_repeated_column_is_an_error_in_every_format(tmp_path):
 def test_scores_take_memory_linear_in_the_classes():
     n = 10_007
     labels, predicted = torch.tensor([0, 5, 10_006, 5]), torch.tensor([0, 5, 3, 7])
-    counts = report.class_counts(labels, predicted, n)
+    counts = train.class_counts(labels, predicted, n)
     assert counts.shape == (3 * n,)
-    scores = report.metrics(counts, 2.0)
+    scores = train.metrics(counts, 2.0)
     assert scores["accuracy"] == 0.5 and scores["n"] == 4 and scores["loss"] == 0.5
 
 MALFORMED = {
