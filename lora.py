@@ -1,8 +1,7 @@
 """LoRA from scratch: pure functions from one parameter dict to another (Hu et al. 2021, arXiv:2106.09685, Eq. 3):
     h = W0 x + b + s B(A x),   W0: (d_out, d_in) frozen,  A: (rank, d_in) random,  B: (d_out, rank) zero,  s = alpha / r
-init_lora makes A and B; with_lora hands them to nanollm (whose `project` adds B(A x)); merge folds s B@A into W0,
-unmerge takes it out; mixed_batch runs rows with different adapters in one batch; save_adapter and load_adapter use
-PEFT's files. merge serves any torch model through torch.func.functional_call, as `python lora.py` shows.
+init_lora makes A and B; with_lora hands them to nanollm (`project` adds B(A x)); merge folds s B@A into W0, unmerge
+takes it out; mixed_batch runs rows with different adapters in one batch; save_adapter / load_adapter: PEFT's files.
 References: rsLoRA (Kalajdzievski 2023), arXiv:2312.03732; HuggingFace PEFT (LoraConfig, save_pretrained).
 """
 import argparse
@@ -45,13 +44,11 @@ class LoraConfig:
             raise ValueError(bad[0])
 
     @property
-    def scale(self) -> float:
-        """s in h = W0 x + s B(A x): alpha / r (Hu §4.1) or alpha / sqrt(r) (rsLoRA)."""
+    def scale(self) -> float:  # s in h = W0 x + s B(A x): alpha / r (Hu §4.1) or alpha / sqrt(r) (rsLoRA)
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 # --- Targets and init: which X.weight get adapters, checked strictly --------------------------------------------
-def _linears(params: Params) -> str:
-    """Modules with 2-D weights, layer numbers folded to "*", so that a 12-layer model fits on one line."""
+def _linears(params: Params) -> str:  # modules with 2-D weights, layer numbers folded to "*": one line for any depth
     names = (re.sub(r"(^|\.)\d+(?=\.)", r"\1*", k.removesuffix(".weight")) for k, v in params.items()
              if k.endswith(".weight") and v.ndim == 2)
     return ", ".join(dict.fromkeys(names)) or "(none)"
@@ -146,18 +143,20 @@ def mixed_batch(forward, base: Params, tasks: list[Params], rows: Tensor, *input
 
 # --- Adapter files in PEFT's layout -----------------------------------------------------------------------------
 WEIGHTS, CONFIG, PREFIX = "adapter_model.safetensors", "adapter_config.json", "base_model.model."
-# PEFT options LoraConfig does not model: refused, never ignored (exclude_modules only narrows PEFT's matching)
 UNSUPPORTED = ("fan_in_fan_out", "use_dora", "lora_bias", "rank_pattern", "alpha_pattern", "layers_to_transform",
                "target_parameters", "trainable_token_indices", "layer_replication")
 
 def write_atomically(path: str | os.PathLike, make) -> None:
-    """make(tmp) writes a file or a folder at path.tmp, which then takes path's place: readers never see half of one."""
+    """make(tmp) writes a file or a folder at path.tmp, which then takes path's place: no reader sees half of one."""
     tmp = Path(f"{path}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # what a failed make left (a file there, the next make overwrites)
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    make(tmp)
-    shutil.rmtree(path, ignore_errors=True)  # a folder first: os.replace swaps a file, a folder only onto an empty one
-    os.replace(tmp, path)
+    try:
+        make(tmp)
+        shutil.rmtree(path, ignore_errors=True)  # an old folder first: os.replace moves one only onto an empty one
+        os.replace(tmp, path)
+    finally:  # what a failed make left; nothing is there once replaced
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.unlink(missing_ok=True)
 
 def save_adapter(directory: str | os.PathLike, adapters: Params, cfg: LoraConfig, extra: Params | None = None):
     """PEFT's adapter_model.safetensors + adapter_config.json; extra (e.g. a head) goes in full, in modules_to_save."""
@@ -184,7 +183,7 @@ def _read(directory: str | os.PathLike) -> tuple[Params, LoraConfig, Params]:
             k: raw[k] for k, plain in (("bias", "none"), ("target_modules", None), ("init_lora_weights", "gaussian"))
             if isinstance(raw.get(k), str) and raw[k] != plain}  # pissa, olora, loftq move W0 too; the rest unchecked
         unsupported |= {k: "LoRA on an nn.Embedding" for k in tensors if ".lora_embedding_" in k}
-        if unsupported:
+        if unsupported:  # refused, never ignored (exclude_modules only narrows PEFT's matching: allowed)
             raise ValueError(f"PEFT options this LoRA does not model: {unsupported}")
         cfg = LoraConfig(**{f.name: tuple(raw[f.name]) if f.name == "target_modules" else raw[f.name]
                             for f in dataclasses.fields(LoraConfig) if f.name in raw})  # JSON has no tuples

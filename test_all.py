@@ -2589,19 +2589,40 @@ def test_resume_does_not_depend_on_how_the_folder_is_spelled(quick, tmp_path, mo
         assert run([*QUICK, "--runs", "head", "--out", spelling, "--resume"]) == 0
         assert "head: finished in an earlier invocation" in capsys.readouterr().out, spelling
 
-def test_a_killed_runs_temp_folder_goes_on_the_next_run(quick, tmp_path, monkeypatch):
+KILLED_MAIN = """import os, signal, sys
+sys.path.insert(0, os.getcwd())  # train.py's folder
+import train
+real = train.save_tensors
+def killed_while_saving(path, tensors, meta=None):
+    if path.name == "head.safetensors":
+        path.write_bytes(b"half a file")
+        os.kill(os.getpid(), signal.SIGKILL)  # no Python code runs after this: no cleanup, as in a real kill
+    real(path, tensors, meta)
+train.save_tensors = killed_while_saving
+train.main(sys.argv[1:])
+"""
+
+def test_an_interrupted_write_leaves_nothing_and_a_killed_ones_temp_folder_goes_on_the_next_run(quick, tmp_path,
+                                                                                               monkeypatch):
     out = copy_out(quick, tmp_path / "out")
+    args = [*QUICK, "--runs", "head", "--epochs", "1", "--out", out]
     real = train.save_tensors
-    def killed_while_saving(path, tensors, meta=None):
+    def interrupted_while_saving(path, tensors, meta=None):
         if path.name == "head.safetensors":
             path.write_bytes(b"half a file")
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt  # Ctrl-C
         real(path, tensors, meta)
-    monkeypatch.setattr(train, "save_tensors", killed_while_saving)
-    assert run([*QUICK, "--runs", "head", "--epochs", "1", "--out", out, "--overwrite"]) == 130
-    assert (out / "runs/head.tmp/head.safetensors").exists()
+    monkeypatch.setattr(train, "save_tensors", interrupted_while_saving)
+    before = train.sha256(out / "runs/head/head.safetensors")
+    assert run([*args, "--overwrite"]) == 130
+    assert not (out / "runs/head.tmp").exists() and train.sha256(out / "runs/head/head.safetensors") == before
     monkeypatch.undo()
-    assert run([*QUICK, "--runs", "head", "--epochs", "1", "--out", out, "--resume"]) == 0
+    script = tmp_path / "killed_main.py"
+    script.write_text(KILLED_MAIN)
+    killed = subprocess.run([sys.executable, str(script), *map(str, args), "--overwrite"],
+                            cwd=Path(train.__file__).parent, capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL and (out / "runs/head.tmp/head.safetensors").exists()
+    assert run([*args, "--resume"]) == 0
     assert not (out / "runs/head.tmp").exists() and (out / "runs/head/head.safetensors").is_file()
 
 def test_an_update_that_explodes_on_the_last_step_saves_nothing(quick, tmp_path, capsys):

@@ -212,6 +212,8 @@ class Out:
     def write(self, rel: str, make, settings: dict, source: str | None) -> None:
         """make(tmp) writes a file or a folder at tmp; it then replaces rel, and the manifest lists its files."""
         self.guard(rel)
+        umask = os.umask(0o22)  # the only way to read the umask is to set it
+        os.umask(umask)
         self.temp.append(f"{rel}.tmp")
         self.save()
         def make_and_list(tmp: Path) -> None:
@@ -219,6 +221,8 @@ class Out:
             self.settings[settings_hash(settings)] = settings
             self.files = {k: v for k, v in self.files.items() if k not in self.under(rel)}
             for path in [tmp, *tmp.rglob("*")]:
+                # as readable as any file the user writes: transformers saves through a private (0o600) temp file
+                path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
                 if path.is_file():
                     self.files[(Path(rel) / path.relative_to(tmp)).as_posix()] = {
                         "bytes": path.stat().st_size, "sha256": sha256(path), "settings": settings_hash(settings),
