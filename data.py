@@ -31,9 +31,10 @@ def chars(text: str) -> str:
 
 def make_dataset(rows: list[tuple[str, str]], names: list[str], seed: int, fingerprint: str, source: str) -> Dataset:
     """Distinct texts (a text carrying two labels is dropped), shuffled with a fixed seed, cut train/val/test."""
-    labels, ids = collections.defaultdict(set), {name: i for i, name in enumerate(names)}
+    labels = collections.defaultdict(set)  # text -> the labels it carries
     for text, label in rows:
         labels[text].add(label)
+    ids = {name: i for i, name in enumerate(names)}
     items = []
     for text, label_set in labels.items():
         if len(label_set) == 1:
@@ -232,7 +233,8 @@ def batch(data: Encoded, idx: Tensor, device: torch.device) -> tuple[Tensor, Ten
 
 def epoch_batches(lengths: Tensor, batch_size: int, seed: int) -> list[Tensor]:
     """Shuffled batches of indices, sorted by length within buckets of BUCKET batches; a function of its inputs."""
-    generator, batches = torch.Generator().manual_seed(seed), []
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
     for bucket in torch.randperm(len(lengths), generator=generator).split(batch_size * BUCKET):
         batches += list(bucket[torch.argsort(lengths[bucket], stable=True)].split(batch_size))
     return [batches[i] for i in torch.randperm(len(batches), generator=generator)]

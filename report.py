@@ -1,10 +1,8 @@
-"""report.py: what train.py reports. Scores (loss, accuracy, macro-F1), the baseline row a Transformer has to beat,
-LoRA's hypothesis measured on the runs' updates (Hu et al. §7), the plots, and OUT/report.md + report.json.
+"""report.py: what train.py reports. The baseline row a Transformer has to beat, LoRA's hypothesis measured on the
+runs' updates (Hu et al. §7), the plots, and OUT/report.md + report.json (train.py scores the runs themselves).
 """
 import collections
 import json
-import math
-import sys
 import time
 from pathlib import Path
 
@@ -25,37 +23,13 @@ def write_json(path: Path, obj: object) -> None:
     path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 def run_folder(task: str, name: str) -> str:
-    """Where a run's files go in OUT: sentiment's runs where they always were, another task's in its own folder."""
+    """Where a run's files go in OUT: sentiment's in runs/, another task's in runs/<task>/."""
     return f"runs/{name}" if task == "sentiment" else f"runs/{task}/{name}"
-
-# --- Scores: per-class counts (linear in the classes), which ranks sum before the metrics are taken --------------
-def class_counts(labels: Tensor, predicted: Tensor, n_classes: int) -> Tensor:
-    """(true positives, predictions, labels) per class, one flat float64 vector."""
-    parts = (labels[predicted == labels], predicted, labels)
-    return torch.cat([torch.bincount(t, minlength=n_classes) for t in parts]).double()
-
-def metrics(counts: Tensor, loss_sum: float) -> dict:
-    """Loss, accuracy and macro-F1; the macro average is over the classes present in the labels or the predictions,
-    as scikit-learn's f1_score(average="macro") takes it: a class that never occurs is no evidence either way."""
-    tp, predicted, actual = counts.view(3, -1)
-    present = predicted + actual > 0
-    f1 = 2 * tp[present] / (predicted + actual)[present]  # F1 = 2TP / (2TP + FP + FN)
-    n = float(actual.sum())
-    return {"loss": loss_sum / n, "accuracy": float(tp.sum()) / n, "macro_f1": float(f1.mean()), "n": int(n)}
-
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: the most that tensors held since the run began. CPU: the process's peak resident set so far (POSIX)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        import resource
-    except ImportError:  # Windows
-        return math.nan
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
 
 def baseline(data: Dataset, task: str) -> dict:
     """The classic row a Transformer has to beat. Classification: character 1-3-gram TF-IDF + a linear SVM, C chosen
     on validation. Tagging: each character's most frequent tag in training (unseen ones: the commonest tag)."""
+    from sklearn.metrics import accuracy_score, f1_score  # the macro-F1 of train.metrics, as the tests show
     began = time.perf_counter()
     if task == "tagging":
         counts = collections.defaultdict(collections.Counter)
@@ -64,24 +38,23 @@ def baseline(data: Dataset, task: str) -> dict:
                 counts[ch][tag] += 1
         commonest = sum(counts.values(), collections.Counter()).most_common(1)[0][0]
         lookup = {ch: c.most_common(1)[0][0] for ch, c in counts.items()}
-        labels = torch.tensor([tag for _, tags in data.test for tag in tags])
-        predicted = torch.tensor([lookup.get(ch, commonest) for text, _ in data.test for ch in text])
+        labels = [tag for _, tags in data.test for tag in tags]
+        predicted = [lookup.get(ch, commonest) for text, _ in data.test for ch in text]
         n_params, extra = len(lookup), {}
     else:
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.svm import LinearSVC
         tfidf = TfidfVectorizer(analyzer="char", ngram_range=(1, 3), sublinear_tf=True)
-        (x, y), (val_x, val_y), (test_x, test_y) = (zip(*split) for split in (data.train, data.val, data.test))
+        (x, y), (val_x, val_y), (test_x, labels) = (zip(*split) for split in (data.train, data.val, data.test))
         x, val_x = tfidf.fit_transform(x), tfidf.transform(val_x)
         best = max((LinearSVC(C=c, random_state=0).fit(x, y) for c in BASELINE_C), key=lambda m: m.score(val_x, val_y))
-        labels, predicted = torch.tensor(test_y), torch.as_tensor(best.predict(tfidf.transform(test_x)))
+        predicted = best.predict(tfidf.transform(test_x))
         n_params, extra = best.coef_.size + best.intercept_.size, {"C": best.C}
-    test = metrics(class_counts(labels, predicted, len(data.label_names)), math.nan)
     return {"run": "baseline", "task": task, "trainable_params": n_params, "total_params": n_params,
             "trainable_share": 1.0, "train_seconds": round(time.perf_counter() - began, 2), "test_loss": None,
-            "epochs": None, "peak_memory_mb": round(peak_memory_mb(torch.device("cpu")), 1),
-            "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"], "steps": None, "lr": None,
-            "batch_size": None} | extra
+            "epochs": None, "test_accuracy": float(accuracy_score(labels, predicted)),
+            "test_macro_f1": float(f1_score(labels, predicted, average="macro", zero_division=0)), "steps": None,
+            "lr": None, "batch_size": None} | extra
 
 # --- LoRA's hypothesis (Hu et al. §7), measured on this run: is the update a task needs of low rank? ---------------
 @jaxtyped(typechecker=beartype)
@@ -107,10 +80,12 @@ def hypothesis(base: str, full: Path, lora_adapter: Path, wide: Path | None = No
     """Per adapted matrix X: the energy of full fine-tuning's dW = W_full - W0 in its top r directions, phi between
     the lora run's update s B@A and full's top-r directions (r = lora's rank), and both updates' amplification; with
     lora_wide's weights, phi(i, j) between the top i directions of lora's A and the top j of lora_wide's."""
-    (_, w0), full_weights = hf_lora.load_bert(base), load_file(full)
+    _, w0 = hf_lora.load_bert(base)
+    full_weights = load_file(full)
     adapters, cfg = hf_lora.adapters_from_peft(lora_adapter)
     wide_adapters = load_file(wide) if wide else {}
-    measures, ranks = {}, tuple(sorted({*RANKS, cfg.r}))
+    ranks = tuple(sorted({*RANKS, cfg.r}))
+    measures = {}
     for x in sorted({k.rpartition(".")[0] for k in adapters if ".lora_" in k}):
         w = w0[f"{x}.weight"].double()
         full_update = full_weights[f"{x}.weight"].double() - w
@@ -184,7 +159,8 @@ def plot(path: Path, series: dict, ylabel: str, title: str, smooth: int = 1) -> 
     fig = Figure(figsize=(8, 4.5))
     ax = fig.subplots()
     for label, y in series.items():
-        k, dashed = max(1, min(smooth, len(y) // 10)), "peft" in label.lower()
+        k = max(1, min(smooth, len(y) // 10))
+        dashed = "peft" in label.lower()
         ax.plot(range(k, len(y) + 1), torch.tensor(y).unfold(0, k, 1).mean(1), label=label,
                 linestyle="--" if dashed else "-", linewidth=1 if dashed else 2)
     ax.set(xlabel="optimiser step", ylabel=ylabel, title=title)
@@ -196,7 +172,8 @@ def plot(path: Path, series: dict, ylabel: str, title: str, smooth: int = 1) -> 
 def write_report(job, plan: dict, tasks: dict, stages: dict, base: str) -> None:
     """report.md, report.json and the plots, written through job.out; tasks: {task: (data, results, rows)}, of which
     the first is plotted and measured. base: the base's folder or HuggingFace name."""
-    root, (task, (data, results, _)), multi = job.out.root, next(iter(tasks.items())), len(tasks) > 1
+    task, (data, results, _) = next(iter(tasks.items()))
+    root = job.out.root
     hardware = {"precision": plan["precision"], "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                 "threads": torch.get_num_threads(), "torch": torch.__version__}
     device = torch.cuda.get_device_name(job.device) if job.device.type == "cuda" else "CPU"
@@ -210,8 +187,9 @@ def write_report(job, plan: dict, tasks: dict, stages: dict, base: str) -> None:
     setting += [f"base of lora/peft/head/full: {base or 'the packaged MiniLM-L6'}", f"machine: {machine}",
                 f"peak memory: {memory}"]
     findings = []  # report.md lists them after the setting, the console after the tables
-    losses = {f"{t} {k}" if multi else k: r["losses"] for t, (_, rs, _) in tasks.items() for k, r in rs.items()}
-    plots = {"curves.png": (losses, "training loss (moving average)", "training", 25)}
+    losses = {f"{t} {k}" if len(tasks) > 1 else k: r["losses"] for t, (_, rs, _) in tasks.items()
+              for k, r in rs.items()}
+    files = {"curves.png": lambda path: plot(path, losses, "training loss (moving average)", "training", 25)}
     gap = None
     if "lora" in results and "peft" in results:
         ours, theirs = results["lora"], results["peft"]
@@ -222,27 +200,31 @@ def write_report(job, plan: dict, tasks: dict, stages: dict, base: str) -> None:
         findings.append(f"our LoRA vs PEFT's ({task}; same base, init, batches and optimiser, dropout 0): largest "
                         f"|loss difference| {gap['max_abs_loss_diff']:.2e} over {gap['steps']} steps; test accuracy "
                         f"difference {gap['test_accuracy_diff']:.2e}")
-        plots["lora_vs_peft.png"] = ({"ours: nanollm + lora.py": ours["losses"], "PEFT: transformers + peft":
-                                      theirs["losses"]}, "training loss per batch",
-                                     "same base, adapter init, batches and optimiser", 1)
+        pair = {"ours: nanollm + lora.py": ours["losses"], "PEFT: transformers + peft": theirs["losses"]}
+        files["lora_vs_peft.png"] = lambda path: plot(path, pair, "training loss per batch",
+                                                      "same base, adapter init, batches and optimiser")
     measures = {}
     if "full" in results and "lora" in results:  # from the two runs' files, just written
         wide = root / run_folder(task, "lora_wide") / "model.safetensors" if "lora_wide" in results else None
         measures = hypothesis(base, root / run_folder(task, "full") / "model.safetensors",
                               root / run_folder(task, "lora") / "adapter", wide)
         findings.append(hypothesis_line(measures, task, plan["lora_r"]))
+        files["hypothesis.png"] = lambda path: plot_hypothesis(path, measures, plan["lora_r"])
     if base == str(root / "base") and "base/pretrain.json" in job.out.files:
         pretrain = json.loads((root / "base" / "pretrain.json").read_text())["losses"]
         title = f"pretraining on People's Daily 1998 + the training texts of {Path(data.source).name}"
-        plots["pretrain.png"] = ({"masked-LM + bag of characters": pretrain}, "loss (moving average)", title, 50)
-    tables, report = [], {"rows": [], "tasks": {}}
+        series = {"masked-LM + bag of characters": pretrain}
+        files["pretrain.png"] = lambda path: plot(path, series, "loss (moving average)", title, 50)
+    tables = []
+    report = {"rows": [], "tasks": {}}
     for t, (d, rs, rows) in tasks.items():
         top, count, n = majority(d)
         at_majority = [row["run"] for row in rows if round(row["test_accuracy"] * n) == count]
         if at_majority:
             findings.append(f"{', '.join(at_majority)}: test accuracy is the majority-class rate ({count / n:.2%}: "
                             f"as if always answering '{top}'); that row learned nothing usable")
-        tables += [f"### {t}", ""] if multi else []
+        if len(tasks) > 1:
+            tables += [f"### {t}", ""]
         tables += ["| run | trainable params | share | epochs | train s | peak memory MB | test accuracy | macro-F1 |",
                    "|---|---:|---:|---:|---:|---:|---:|---:|"]
         tables += [f"| {r['run']} | {r['trainable_params']:,} | {r['trainable_share']:.2%} | {r['epochs'] or '-'} | "
@@ -259,11 +241,9 @@ def write_report(job, plan: dict, tasks: dict, stages: dict, base: str) -> None:
     report |= hardware
     markdown = "\n".join(["# nanollm: training report", ""] + [f"- {line}" for line in setting + findings] + [""]
                          + tables)
-    written_from = {"plan": plan}, " ".join(run_folder(t, k) for t, (_, rs, _) in tasks.items() for k in rs)
-    for name, spec in plots.items():
-        job.out.write(name, lambda path: plot(path, *spec), *written_from)
-    if measures:
-        job.out.write("hypothesis.png", lambda path: plot_hypothesis(path, measures, plan["lora_r"]), *written_from)
-    job.out.write("report.md", lambda path: path.write_text(markdown, encoding="utf-8"), *written_from)
-    job.out.write("report.json", lambda path: write_json(path, report), *written_from)
+    files["report.md"] = lambda path: path.write_text(markdown, encoding="utf-8")
+    files["report.json"] = lambda path: write_json(path, report)
+    source = " ".join(run_folder(t, k) for t, (_, rs, _) in tasks.items() for k in rs)  # the runs reported
+    for name, make in files.items():
+        job.out.write(name, make, {"plan": plan}, source)
     print("\n" + "\n".join(tables + findings) + f"\nreport: {root / 'report.md'}")

