@@ -82,7 +82,7 @@ def load_tagging(seed: int, max_lines: int | None = None) -> Dataset:
                   for i, ch in enumerate(chars(word))]
         if tagged:
             rows.append(("".join(ch for ch, _ in tagged), tuple(tag for _, tag in tagged)))
-    names = sorted({t for _, tags in rows for t in tags}, key=lambda t: (t[2:], t))  # B-n, I-n, B-nr, ...
+    names = sorted({t for _, tags in rows for t in tags}, key=lambda tag: (tag.partition("-")[2], tag))  # B-n, I-n, B-nr
     return make_dataset(rows, names, seed, f"peoples-daily-tags/{max_lines}/seed{seed}", "People's Daily 1998 tags")
 
 def chunks(split: list, n: int) -> list:

@@ -11,19 +11,16 @@
     python train.py --task sentiment,tagging   # + People's Daily's part of speech per character, on the same base
     torchrun --nproc_per_node=2 train.py --quick    # data parallel (gloo on CPU, NCCL on GPU)
 
-Rows: baseline (character 1-3-gram TF-IDF + a linear SVM, scikit-learn); scratch (the seed's encoder: Pre-LN,
-sinusoids, mean-pooled head); then, on one base pretrained here (BERT's arrangement, masked-LM + a bag-of-characters
-task on the pooled [CLS], over People's Daily 1998 + the unlabelled training texts; cached in OUT/base): lora (our
-LoRA: adapters, LayerNorms and classifier train, the pooler stays FROZEN), peft (transformers + PEFT, same init,
-batches and optimiser: equal to lora step by step, OUT/lora_vs_peft.png), head (classifier alone), full (all);
-on request qlora, dora, pissa, adalora and lora_wide (rank 4r), each trained as lora is. With full and lora, the
-report measures LoRA's hypothesis (Hu et al. §7) on their updates: OUT/hypothesis.png.
+Rows: baseline (character 1-3-gram TF-IDF + a linear SVM); scratch (the seed's encoder: Pre-LN, sinusoids, mean
+pooling); then, on one base pretrained here (BERT's arrangement; masked-LM + a bag of characters over People's Daily
+1998 + the training texts; OUT/base): lora (adapters, LayerNorms and classifier train; the pooler stays frozen), peft
+(transformers + PEFT: equal to lora step by step), head (the classifier alone), full (everything); on request qlora,
+dora, pissa, adalora and lora_wide (rank 4r). With full and lora, the report measures LoRA's hypothesis (Hu et al. §7).
 
-OUT/manifest.json lists every file train.py wrote (size, SHA-256, settings, origin); files are checked against it
-before they are read, nothing train.py did not write is deleted, a finished run is replaced only with --overwrite,
-one process at a time writes (OUT/.lock).
---resume continues from the last checkpoint (parameters, optimiser state, step: a step's random numbers derive from
-(seed, run, step, rank)), rebuilds what is missing or changed, and ends where an uninterrupted run ends.
+OUT/manifest.json lists every file train.py wrote (size, SHA-256, settings, origin): files are checked against it
+before they are read, nothing else in OUT is deleted, a finished run is replaced only with --overwrite, and one
+process writes at a time (OUT/.lock). --resume continues from the last checkpoint and ends where an uninterrupted run
+ends: a step's random numbers derive from (seed, run, step, rank) alone.
 """
 import argparse
 import collections
@@ -139,8 +136,7 @@ class Out:
             if outside:  # an edited or corrupt manifest must not make train.py read or delete files elsewhere
                 raise ValueError(f"manifest.json names {outside[0]!r}, outside the folder")
         except filelock.Timeout:
-            raise DataError(f"{root}: another train.py is writing there; wait for it or choose another --out") \
-                from None
+            raise DataError(f"{root}: another train.py is writing there; wait for it or choose another --out") from None
         except (OSError, ValueError, TypeError) as e:
             self.close()
             raise DataError(f"--out {root}: unusable ({e}); choose another") from None
@@ -211,7 +207,7 @@ class Out:
         return not problem
 
     def write(self, rel: str, make, settings: dict, source: str | None) -> None:
-        """make(tmp) writes a file or a folder at tmp; it then replaces rel, and the manifest lists its files."""
+        """make(tmp) writes a file or a folder at tmp, which then replaces rel; the manifest lists its files."""
         self.guard(rel)
         umask = os.umask(0o22)  # the only way to read the umask is to set it
         os.umask(umask)
@@ -264,8 +260,9 @@ def native_bf16(device: torch.device) -> bool:
 def choose_precision(requested: str, device: torch.device) -> tuple[str, str]:
     """(precision, the line that says why): --precision auto takes bf16 where it is native, fp32 elsewhere."""
     native = native_bf16(device)
-    cpu = f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
+    hardware = f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    if device.type == "cuda":
+        hardware = torch.cuda.get_device_name(device)
     precision = requested
     if requested == "auto":
         precision = "bf16" if native else "fp32"
@@ -275,10 +272,10 @@ def choose_precision(requested: str, device: torch.device) -> tuple[str, str]:
     return precision, line
 
 def autocast(job: Job, pretraining: bool = False):
-    """bf16 autocast when the run's precision is bf16: on CUDA everywhere, on the CPU for pretraining only, so that
+    """bf16 autocast when the run's precision is bf16: on CUDA everywhere, on a CPU for pretraining only, so that
     fine-tuning stays fp32 and lora == peft exactly."""
-    return torch.autocast(job.device.type, torch.bfloat16,
-                          enabled=job.bf16 and (job.device.type == "cuda" or pretraining))
+    on = job.bf16 and (job.device.type == "cuda" or pretraining)
+    return torch.autocast(job.device.type, torch.bfloat16, enabled=on)
 
 def all_reduce(tensors: list[Tensor], job: Job) -> list[Tensor]:
     """Sum over ranks with ONE collective on a flat buffer (what DDP's gradient buckets do)."""
@@ -295,22 +292,19 @@ def peak_memory_mb(device: torch.device) -> float:
     """CUDA: the most that tensors held since the run began. CPU: the process's peak resident set so far (POSIX)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        import resource
-    except ImportError:  # Windows
+    if sys.platform == "win32":
         return math.nan
+    import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
 
 def fit(job: Job, name: str, folder: str, trainable: Params, loss_fn, lengths: Tensor, training: Training,
         settings: dict, source: str | None, validate=None, order: str | None = None, after_step=None,
         labels_per_text: Tensor | None = None) -> tuple[Params, dict]:
-    """Train `trainable`, the only tensors the optimiser sees, for training.epochs; checkpoints in `folder`,
-    resumable. loss_fn(params, this rank's indices, generator) -> mean loss. Runs with the same `order` see the same
-    batches. Each rank weighs its shard's mean loss by the shard's share of the batch's examples (or, when the mean
-    is over labels_per_text, e.g. tagged characters, of those), so the summed gradient is the global batch's.
-    The clip norm sums the tensors in the order given: the lora and peft runs give theirs in one order.
-    validate(params) -> metrics at each epoch end; after_step(params, step index, state) -> state runs after each
-    update, and its tensors are checkpointed too."""
+    """Train `trainable`, the only tensors the optimiser sees, with loss_fn(params, this rank's indices, generator)
+    -> mean loss; checkpoints in `folder`. Runs with the same `order` see the same batches. Each rank weighs its
+    shard's mean loss by its share of the batch's texts (or of labels_per_text: tagged characters), so the summed
+    gradient is the batch's. validate(params) -> metrics at each epoch end; after_step(params, step index, state)
+    -> state after each update, checkpointed too. The clip norm sums the tensors in the order given."""
     per_epoch = math.ceil(len(lengths) / training.batch_size)
     total = training.epochs * per_epoch
     checkpoint = f"{folder}/checkpoint.safetensors"
@@ -319,7 +313,7 @@ def fit(job: Job, name: str, folder: str, trainable: Params, loss_fn, lengths: T
         tensors, meta = load_tensors(job.out.root / checkpoint)
         job.out.say(f"{name}: resumed from its checkpoint at step {meta['step']}/{total}")
     params = {k: tensors.get(f"param.{k}", v).detach().to(job.device, copy=True).requires_grad_()
-              for k, v in trainable.items()}  # from the checkpoint when resuming
+              for k, v in trainable.items()}
     names = sorted(params, key=lambda k: params[k].dim() < 2)  # decay matrices, not biases or norms (nanoGPT)
     groups = [{"params": [params[k] for k in names if (params[k].dim() >= 2) == decay],
                "weight_decay": WEIGHT_DECAY if decay else 0.0, "initial_lr": training.lr} for decay in (True, False)]
@@ -329,11 +323,12 @@ def fit(job: Job, name: str, folder: str, trainable: Params, loss_fn, lengths: T
         moments = {i: {f: tensors[f"opt.{k}.{f}"] for f in ("step", "exp_avg", "exp_avg_sq")}
                    for i, k in enumerate(names)}
         opt.load_state_dict(opt.state_dict() | {"state": moments})
-    step, log = meta["step"], meta["log"]
+    step = meta["step"]
+    log = meta["log"]
     state = {k.removeprefix("state."): v.to(job.device) for k, v in tensors.items() if k.startswith("state.")}
     from transformers import get_linear_schedule_with_warmup  # imported when used: transformers is large
     # The schedule's position is the step, which the checkpoint holds: update s (from 1) takes the factor at s, so
-    # the schedule starts at last_epoch=step and ends at total + 1, the last update's factor 1 / (total - warm-up + 1)
+    # it starts at last_epoch=step and ends at total + 1, the last update's factor 1 / (total - warm-up + 1)
     schedule = get_linear_schedule_with_warmup(opt, max(1, round(WARMUP * total)), total + 1, last_epoch=step)
     if job.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(job.device)
@@ -348,9 +343,8 @@ def fit(job: Job, name: str, folder: str, trainable: Params, loss_fn, lengths: T
             loss = torch.zeros(1, device=job.device)
             opt.zero_grad()
             if len(local):  # a last batch smaller than the world leaves a rank nothing to do
-                if labels_per_text is None:
-                    share = len(local) / len(idx)
-                else:
+                share = len(local) / len(idx)
+                if labels_per_text is not None:
                     share = float(labels_per_text[local].sum() / labels_per_text[idx].sum())
                 with autocast(job, training.pretraining):
                     loss = loss_fn(params, local, generator) * share
@@ -393,8 +387,8 @@ def class_counts(labels: Tensor, predicted: Tensor, n_classes: int) -> Tensor:
     return torch.cat([torch.bincount(t, minlength=n_classes) for t in parts]).double()
 
 def metrics(counts: Tensor, loss_sum: float) -> dict:
-    """Loss, accuracy and macro-F1; the macro average is over the classes present in the labels or the predictions,
-    as scikit-learn's f1_score(average="macro") takes it: a class that never occurs is no evidence either way."""
+    """Loss, accuracy and macro-F1 over the classes present in the labels or the predictions, as scikit-learn's
+    f1_score(average="macro") takes it: a class that never occurs is no evidence either way."""
     tp, predicted, actual = counts.view(3, -1)
     present = predicted + actual > 0
     f1 = 2 * tp[present] / (predicted + actual)[present]  # F1 = 2TP / (2TP + FP + FN)
@@ -410,7 +404,8 @@ def evaluate(job: Job, forward, trainable: Params, data: Encoded, n_classes: int
         with autocast(job):
             logits = forward(trainable, ids, mask).float()
         keep = labels != -100  # tagging: the characters only; every text of a classification
-        logits, labels = logits[keep], labels[keep]
+        logits = logits[keep]
+        labels = labels[keep]
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
         counts += class_counts(labels, logits.argmax(-1), n_classes)
     counts, loss_sum = all_reduce([counts, loss_sum], job)
@@ -516,8 +511,7 @@ def ensure_base(job: Job, plan: dict, data: Dataset, tagging: Dataset | None) ->
 
 def load_base(base: str | None, max_len: int, char_vocab: bool, n_classes: int, seed: int):
     """(config with FINETUNE_DROPOUT, frozen base, new classifier, text encoder) of our base (char_vocab) or of
-    --model. The pooler belongs to the base (our bag task trains it, as BERT's NSP does); a base without one gets
-    nanollm's init."""
+    --model. The pooler belongs to the base (our bag task trains it, as BERT's NSP does)."""
     try:
         cfg, params = hf_lora.load_bert(base)
         if char_vocab:
@@ -529,14 +523,13 @@ def load_base(base: str | None, max_len: int, char_vocab: bool, n_classes: int, 
         raise DataError(f"base {base or 'minilm'}: {(str(e).splitlines() or [repr(e)])[0]}") from None
     cfg = dataclasses.replace(cfg, dropout=FINETUNE_DROPOUT)
     fresh = nanollm.init_bert_head(cfg, n_classes, torch.Generator().manual_seed(derive_seed(seed, "head")))
-    frozen = {k: v for k, v in (fresh | params).items() if not k.startswith("classifier.")}  # the base's pooler wins
+    frozen = {k: v for k, v in (fresh | params).items() if not k.startswith("classifier.")}  # a base's pooler wins
     return cfg, frozen, {k: v for k, v in fresh.items() if k.startswith("classifier.")}, encode
 
 # --- The runs: each row's model as (trainable tensors, forward, how to save), trained by one function ------------
 def adapt(name: str, frozen: Params, cfg, bf16: bool, generator: torch.Generator):
     """(the frozen base a LoRA-like run adapts, its first adapters, apply(base, adapters, cfg) -> params). peft and
-    lora_wide start as lora does; every adapter key holds ".lora_". QLoRA computes in bf16 where the run's precision
-    is bf16 (Dettmers et al. §3), in fp32 elsewhere."""
+    lora_wide start as lora does. QLoRA computes in bf16 where the run's precision is bf16 (Dettmers et al. §3)."""
     if name == "dora":  # + a magnitude per output row
         return frozen, lora_variants.init_dora(frozen, cfg, generator), lora_variants.merge_dora
     if name == "pissa":  # the frozen base is W0's residual
@@ -550,7 +543,7 @@ def adapt(name: str, frozen: Params, cfg, bf16: bool, generator: torch.Generator
     return frozen, lora.init_lora(frozen, cfg, generator), lora.with_lora
 
 def run_config(name: str, cfg: lora.LoraConfig, steps: int):
-    """The adapter config of a LoRA-like run: lora's; lora_wide's at rank WIDE r; AdaLoRA's with lora's final budget
+    """A LoRA-like run's adapter config: lora's; lora_wide's at rank WIDE r; AdaLoRA's with lora's final budget
     (target_r = r) and scale (alpha = s init_r), pruned on ADALORA's schedule."""
     if name == "lora_wide":
         return dataclasses.replace(cfg, r=WIDE * cfg.r)
@@ -582,9 +575,8 @@ def scratch_forward(cfg: nanollm.Config, per_token: bool = False):
     return forward
 
 def bert_forward(cfg: nanollm.Config, frozen: Params, apply=None, run_cfg=None, per_token: bool = False):
-    """Base + BERT head (per_token: a tag per token). `trainable` holds the head, adapters (`apply` puts them on the
-    frozen base) and any base tensor the run trains, which takes the frozen one's place, in the base's compute dtype
-    (qlora's bf16)."""
+    """Base + BERT head (per_token: a tag per token). `trainable` holds the head, the adapters (`apply` puts them on
+    the frozen base) and any base tensor the run trains, in the base's compute dtype (qlora's bf16)."""
     head = nanollm.bert_tag if per_token else nanollm.bert_classify
     def forward(trainable: Params, ids: Tensor, mask: Tensor, train: bool = False, generator=None) -> Tensor:
         adapters = {k: v for k, v in trainable.items() if ".lora_" in k}
@@ -597,8 +589,8 @@ def bert_forward(cfg: nanollm.Config, frozen: Params, apply=None, run_cfg=None, 
 
 def peft_model(base: str | None, n_classes: int, lora_cfg: lora.LoraConfig, pooler: Params, norms: bool,
                per_token: bool = False):
-    """PEFT's LoRA on transformers' BERT classifier (per_token: token classifier) with our pooler and no dropout;
-    modules_to_save = what our lora run trains beside the adapters."""
+    """PEFT's LoRA on transformers' BERT classifier with our pooler and no dropout; modules_to_save = what our lora
+    run trains beside the adapters."""
     import peft
     model, _ = hf_lora.load_model(base, num_labels=n_classes, per_token=per_token)
     model.load_state_dict({hf_lora.hf_name(k, "bert."): v for k, v in pooler.items()}, strict=False)
@@ -615,8 +607,8 @@ def our_key(peft_name: str) -> str:
     return hf_lora.our_name(name, "bert.").replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B")
 
 def save_peft(model, folder: Path, trained: Params) -> None:
-    """The peft run's trained tensors into its PeftModel, then PEFT's own save_pretrained. Strict both ways for
-    what trains: the frozen base is the only thing `trained` leaves out."""
+    """The peft run's trained tensors into its PeftModel, then PEFT's own save_pretrained; strict both ways for what
+    trains (the frozen base is the only thing `trained` leaves out)."""
     wanted = {k for k, p in model.named_parameters() if p.requires_grad}
     if wanted != set(trained):
         differ = sorted(wanted ^ set(trained))[:3]
@@ -629,7 +621,8 @@ def saver(file: str, meta: dict | None = None):
     return lambda folder, trained: save_tensors(folder / file, trained, meta)
 
 def stage(task: str, name: str) -> str:
-    return name if task == "sentiment" else f"{task} {name}"  # a key of the report's wall times
+    """A key of the report's wall times per stage: the run's name, after its task's unless that is sentiment."""
+    return name if task == "sentiment" else f"{task} {name}"
 
 def run_classifier(job: Job, plan: dict, data: Dataset, splits: dict, name: str, trainable: Params, forward,
                    total: int, save, source: str | None, info: dict, extra: dict, ada=None) -> dict:
@@ -685,8 +678,8 @@ def run_classifier(job: Job, plan: dict, data: Dataset, splits: dict, name: str,
     return result
 
 def run_all(job: Job, plan: dict, data: Dataset, runs: list[str], info: dict, stages: dict, base: str | None) -> dict:
-    """Every row's model for one task: scratch on its own char vocabulary; lora (and variants), peft, head and full
-    on one base, all from the same head and the same adapter init."""
+    """Every row's model for one task: scratch on its own character vocabulary; lora (and the variants), peft, head
+    and full on one base, all from the same head and the same adapter init."""
     task = info["task"]
     per_token = task == "tagging"
     n_classes = len(data.label_names)
@@ -720,9 +713,8 @@ def run_all(job: Job, plan: dict, data: Dataset, runs: list[str], info: dict, st
         if name not in ("head", "full"):
             generator = torch.Generator().manual_seed(derive_seed(job.seed, "lora"))
             run_base, adapters, apply = adapt(name, frozen, run_cfg, job.bf16, generator)
-        on_device = {k: v.to(job.device) for k, v in run_base.items()}
         trainable = dict(sorted((adapters | norms | head).items()))  # the clip norm's order: lora's = peft's
-        forward = bert_forward(cfg, on_device, apply, run_cfg, per_token)
+        forward = bert_forward(cfg, {k: v.to(job.device) for k, v in run_base.items()}, apply, run_cfg, per_token)
         save = saver("model.safetensors", {"config": dataclasses.asdict(run_cfg)})
         extra = {"base_bytes": lora_variants.stored_bits(run_base) // 8}  # the frozen base as stored (qlora: NF4)
         if name == "head":
