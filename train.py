@@ -152,9 +152,9 @@ class Out:
             else:
                 path.unlink(missing_ok=True)
         self.temp = []
-        ours = {*self.files, "manifest.json", ".lock"}
+        written = {*self.files, "manifest.json", ".lock"}
         for path in sorted(self.root.rglob("*")):
-            if not path.is_dir() and self.rel(path) not in ours:
+            if not path.is_dir() and self.rel(path) not in written:
                 while path.parent != self.root and not self.under(self.rel(path.parent)):
                     path = path.parent  # name the outermost folder that is not train.py's
                 self.close()
