@@ -727,8 +727,9 @@ def run_all(job: Job, plan: dict, data: Dataset, runs: list[str], info: dict, st
             save = saver("model.safetensors")
             extra = {}
         elif name == "lora":  # PEFT's layout, which peft.PeftModel.from_pretrained loads
-            hf_model = hf_lora.load_model(base, num_labels=n_classes, per_token=per_token)[0]
-            save = lambda folder, t: hf_lora.save_as_peft(folder / "adapter", t, lora_cfg, hf_model)  # noqa: E731
+            def save(folder: Path, trained: Params) -> None:  # the model loaded to save, not held while training
+                model = hf_lora.load_model(base, num_labels=n_classes, per_token=per_token)[0]
+                hf_lora.save_as_peft(folder / "adapter", trained, lora_cfg, model)
         elif name == "peft":
             pooler = {k: v for k, v in frozen.items() if k.startswith("pooler.")}
             model = peft_model(base, n_classes, lora_cfg, pooler, plan["lora_norms"], per_token).to(job.device)
